@@ -46,6 +46,10 @@ class Policy(nn.Module):
         "action_pad_mask" bool [B, T]. Returns (scalar loss, metrics)."""
         raise NotImplementedError
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        # Training goes through forward so that DDP / FSDP wrappers see the call.
+        return self.compute_loss(batch)
+
     @torch.no_grad()
     def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
         """Returns un-normalized float32 action chunks [B, T, A]."""
@@ -54,6 +58,9 @@ class Policy(nn.Module):
     def predict_action(self, observation: Observation) -> np.ndarray:
         """Returns one un-normalized float32 action chunk [T, A]."""
         return self.predict_action_batch([observation])[0]
+
+    def on_optimizer_step(self) -> None:
+        """Called by the training loop after every optimizer step (e.g. to update an EMA)."""
 
     def reset(self) -> None:
         """Forget per-episode state. Chunk prediction itself is stateless; ensembles keep their own history."""

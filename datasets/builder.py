@@ -1,0 +1,157 @@
+"""Write RLDS datasets in TFDS layout (LIBERO-like schema) from users' episodes, without any network access.
+
+    <out_dir>/<name>/<version>/{dataset_info.json, features.json, <name>-train.tfrecord-00000-of-0000N, ...}
+
+Each step: observation/image (JPEG), optional observation/wrist_image, observation/state, action,
+language_instruction, reward, discount, is_first, is_last, is_terminal; episode_metadata/file_path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+@dataclass(frozen=True)
+class EpisodeSchema:
+    """Shapes of one step. wrist_image_size 0 means no wrist camera."""
+
+    image_size: int = 256
+    wrist_image_size: int = 0
+    state_dim: int = 8
+    action_dim: int = 7
+
+
+def _features(schema: EpisodeSchema) -> tfds.features.FeaturesDict:
+    observation = {
+        "image": tfds.features.Image(shape=(schema.image_size, schema.image_size, 3), encoding_format="jpeg"),
+        "state": tfds.features.Tensor(shape=(schema.state_dim,), dtype=np.float32),
+    }
+    if schema.wrist_image_size:
+        size = schema.wrist_image_size
+        observation["wrist_image"] = tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg")
+    step = {
+        "observation": observation,
+        "action": tfds.features.Tensor(shape=(schema.action_dim,), dtype=np.float32),
+        "language_instruction": tfds.features.Text(),
+        "reward": tfds.features.Scalar(dtype=np.float32),
+        "discount": tfds.features.Scalar(dtype=np.float32),
+        "is_first": tfds.features.Scalar(dtype=np.bool_),
+        "is_last": tfds.features.Scalar(dtype=np.bool_),
+        "is_terminal": tfds.features.Scalar(dtype=np.bool_),
+    }
+    return tfds.features.FeaturesDict(
+        {
+            "steps": tfds.features.Dataset(step),
+            "episode_metadata": {"file_path": tfds.features.Text()},
+        }
+    )
+
+
+def _check_episode(index: int, episode: dict, schema: EpisodeSchema) -> int:
+    """Validate one episode dict; returns its length T."""
+    source = episode.get("file_path", f"episode {index}")
+    action = np.asarray(episode["action"])
+    if action.ndim != 2 or action.shape[1] != schema.action_dim:
+        raise ValueError(f"{source}: action has shape {action.shape}, expected [T, {schema.action_dim}]")
+    if not np.isfinite(action).all():
+        raise ValueError(f"{source}: action holds NaN or inf at steps {np.where(~np.isfinite(action).all(1))[0][:5]}")
+    steps = len(action)
+    if steps == 0:
+        raise ValueError(f"{source}: episode has no steps")
+    expected = {
+        "image": (steps, schema.image_size, schema.image_size, 3),
+        "state": (steps, schema.state_dim),
+    }
+    if schema.wrist_image_size:
+        expected["wrist_image"] = (steps, schema.wrist_image_size, schema.wrist_image_size, 3)
+    for key, shape in expected.items():
+        got = np.shape(episode.get(key))
+        if got != shape:
+            raise ValueError(f"{source}: {key} has shape {got}, expected {shape}")
+    if not isinstance(episode.get("language_instruction"), str):
+        raise ValueError(f"{source}: language_instruction must be a string")
+    return steps
+
+
+def _to_rlds(index: int, episode: dict, schema: EpisodeSchema) -> dict:
+    steps = _check_episode(index, episode, schema)
+    reward = np.asarray(episode.get("reward", np.zeros(steps)), dtype=np.float32)
+    out_steps = []
+    for t in range(steps):
+        observation = {"image": episode["image"][t], "state": np.asarray(episode["state"][t], np.float32)}
+        if schema.wrist_image_size:
+            observation["wrist_image"] = episode["wrist_image"][t]
+        out_steps.append(
+            {
+                "observation": observation,
+                "action": np.asarray(episode["action"][t], np.float32),
+                "language_instruction": episode["language_instruction"],
+                "reward": reward[t],
+                "discount": np.float32(1.0),
+                "is_first": t == 0,
+                "is_last": t == steps - 1,
+                "is_terminal": t == steps - 1 and bool(episode.get("terminal", True)),
+            }
+        )
+    return {"steps": out_steps, "episode_metadata": {"file_path": episode.get("file_path", f"episode_{index}")}}
+
+
+def write_rlds(
+    episodes: Iterable[dict],
+    out_dir: str | Path,
+    name: str,
+    schema: EpisodeSchema,
+    num_shards: int = 1,
+    version: str = "1.0.0",
+    description: str = "",
+) -> Path:
+    """Write episodes as an RLDS dataset; returns <out_dir>/<name>/<version>.
+
+    An episode is a dict: image uint8 [T, H, W, 3], optional wrist_image, state float [T, S], action float [T, A],
+    language_instruction str, optional reward [T], file_path str. The dataset appears only once complete (built in a
+    temp dir, then renamed); an existing dataset of the same name and version is replaced only after success.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / name / version
+    out_dir.mkdir(parents=True, exist_ok=True)
+    features = _features(schema)
+    episodes = iter(episodes)
+
+    class _Builder(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version(version)
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(builder=self, description=description, features=features)
+
+        def _split_generators(self, dl_manager):  # noqa: ANN001 (tfds signature)
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self) -> Iterator[tuple[str, dict]]:
+            for i, episode in enumerate(episodes):
+                yield f"episode_{i:06d}", _to_rlds(i, episode, schema)
+
+    _Builder.name = name
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-building-") as tmp:
+        with tfds.core.registered.skip_registration():
+            builder = type(f"RLDS_{name}", (_Builder,), {"name": name})(data_dir=tmp)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards),
+        )
+        built = Path(tmp) / name / version
+        if final.exists():
+            stale = final.with_name(f".{version}.replaced")
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)
+            built.rename(final)
+            shutil.rmtree(stale)
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            built.rename(final)
+    return final

@@ -1,0 +1,368 @@
+"""Read RLDS datasets (TFDS layout) from local directories and turn them into training frames with plain tf.data.
+
+Pipeline (train): episodes (images still JPEG bytes) -> per-rank slice -> shuffled episodes -> action chunks of the
+model's window -> frames interleaved across many episodes -> bounded frame shuffle of *encoded* bytes -> weighted
+mixture -> decode, resize, augment -> batches of numpy -> torch. Validation reads held-out episodes in order, no
+augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import torch
+from tqdm import tqdm
+
+from datasets.statistics import normalize, summarize, write_json_atomic
+from datasets.transforms import get_action_transform
+
+tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; the accelerator belongs to torch.
+
+
+@dataclass
+class RLDSSource:
+    """One RLDS dataset and how its keys map onto the canonical frame. Defaults follow OpenVLA's LIBERO schema.
+
+    Keys are paths inside a step ("observation/image"). `action_mask[i]` false keeps dim i un-normalized
+    (default: every dim but the last, the gripper).
+    """
+
+    name: str
+    data_dir: str
+    version: str | None = None
+    weight: float = 1.0
+    image_key: str = "observation/image"
+    wrist_image_key: str | None = None
+    state_key: str | None = "observation/state"
+    action_key: str = "action"
+    language_key: str = "language_instruction"
+    action_transform: str | None = None
+    action_mask: list[bool] | None = None
+    unnorm_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The dataset's key in dataset_statistics.json."""
+        return self.unnorm_key or self.name
+
+    @property
+    def path(self) -> Path:
+        """<data_dir>/<name>/<version>; the newest version when none is set."""
+        root = Path(self.data_dir).expanduser() / self.name
+        if not root.is_dir():
+            raise FileNotFoundError(f"RLDS dataset {self.name!r} not found: {root} does not exist")
+        if self.version:
+            path = root / self.version
+        else:
+            versions = sorted((p for p in root.iterdir() if (p / "dataset_info.json").is_file()), key=_version_key)
+            if not versions:
+                raise FileNotFoundError(f"{root} holds no TFDS version dir (<version>/dataset_info.json)")
+            path = versions[-1]
+        if not (path / "dataset_info.json").is_file():
+            raise FileNotFoundError(f"{path} is not a TFDS dataset dir: dataset_info.json is missing")
+        return path
+
+
+def _version_key(path: Path) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in path.name.split("."))
+
+
+@dataclass
+class LoaderConfig:
+    """How frames are made. Sizes come from the model (image_size, window) and the robot (action_dim)."""
+
+    image_size: int = 224
+    window: int = 16
+    action_dim: int = 7
+    batch_size: int = 32
+    val_fraction: float = 0.05
+    episode_shuffle_buffer: int = 64
+    interleave_episodes: int = 32
+    frame_shuffle_buffer: int = 10_000
+    augment: bool = True
+    use_wrist_image: bool = False
+    num_parallel_calls: int = -1
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def open_builder(source: RLDSSource) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of a source, with its configured keys checked against the dataset's features."""
+    path = source.path
+    try:
+        builder = tfds.builder_from_directory(str(path))
+    except Exception as e:  # tfds raises several types for a broken dir
+        raise ValueError(f"{path} is not a readable TFDS dataset: {e}") from e
+    step_features = builder.info.features["steps"].feature
+    available = sorted(_flatten_keys(step_features))
+    for field_name in ("image_key", "wrist_image_key", "state_key", "action_key", "language_key"):
+        key = getattr(source, field_name)
+        if key is not None and key not in available:
+            raise KeyError(f"{source.name}: {field_name}={key!r} is not a step feature of {path}; it has {available}")
+    if builder.info.splits.total_num_examples == 0:
+        raise ValueError(f"{path}: the dataset holds no episodes")
+    return builder
+
+
+def _flatten_keys(features, prefix: str = "") -> list[str]:  # noqa: ANN001 (a tfds FeaturesDict)
+    keys = []
+    for name, feature in features.items():
+        if isinstance(feature, tfds.features.FeaturesDict):
+            keys += _flatten_keys(feature, f"{prefix}{name}/")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _get(steps: dict, key: str) -> tf.Tensor:
+    for part in key.split("/"):
+        steps = steps[part]
+    return steps
+
+
+def _episodes(builder: tfds.core.DatasetBuilder, split: str, shuffle: bool, seed: int) -> tf.data.Dataset:
+    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+    return builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle,
+        read_config=read_config,
+        decoders={"steps": tfds.decode.SkipDecoding()},
+    )
+
+
+def _actions(source: RLDSSource, steps: dict, action_dim: int) -> tf.Tensor:
+    action = tf.cast(_get(steps, source.action_key), tf.float32)
+    action = get_action_transform(source.action_transform)(action)
+    tf.debugging.assert_equal(
+        tf.shape(action)[-1], action_dim, message=f"{source.name}: action size differs from the robot's action_dim"
+    )
+    return action
+
+
+def action_mask(source: RLDSSource, action_dim: int) -> list[bool]:
+    mask = list(source.action_mask) if source.action_mask is not None else [True] * (action_dim - 1) + [False]
+    if len(mask) != action_dim:
+        raise ValueError(f"{source.name}: action_mask has {len(mask)} entries, the actions have {action_dim} dims")
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------- statistics
+
+
+def dataset_fingerprint(source: RLDSSource) -> str:
+    """Hash of the dataset's files (names, sizes, dataset_info.json) and of what shapes the statistics."""
+    path = source.path
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file():
+            digest.update(f"{file.name}:{file.stat().st_size};".encode())
+    digest.update((path / "dataset_info.json").read_bytes())
+    digest.update(json.dumps([source.action_key, source.state_key, source.action_transform, source.action_mask]).encode())
+    return digest.hexdigest()[:16]
+
+
+def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Path | None = None) -> dict:
+    """One streaming pass over every episode, no image decoded. Cached by `dataset_fingerprint` in cache_dir."""
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir).expanduser() / f"{source.name}-{dataset_fingerprint(source)}.json"
+        if cache_file.is_file():
+            return json.loads(cache_file.read_text())
+    builder = open_builder(source)
+    episodes = _episodes(builder, "train", shuffle=False, seed=0)
+
+    def select(episode: dict) -> dict:
+        steps = episode["steps"]
+        out = {"action": _actions(source, steps, action_dim)}
+        if source.state_key:
+            out["state"] = tf.cast(_get(steps, source.state_key), tf.float32)
+        return out
+
+    actions, states = [], []
+    total = builder.info.splits["train"].num_examples
+    for episode in tqdm(episodes.map(select).as_numpy_iterator(), total=total, desc=f"statistics {source.name}"):
+        if not np.isfinite(episode["action"]).all():
+            raise ValueError(f"{source.path}: an episode holds NaN or inf actions (episode {len(actions)})")
+        actions.append(episode["action"])
+        if "state" in episode:
+            states.append(episode["state"])
+    if not actions:
+        raise ValueError(f"{source.path}: the dataset holds no episodes")
+    entry = {"action": {**summarize(np.concatenate(actions)), "mask": action_mask(source, action_dim)}}
+    if states:
+        entry["proprio"] = summarize(np.concatenate(states))
+    entry["num_transitions"] = int(sum(len(a) for a in actions))
+    entry["num_trajectories"] = len(actions)
+    if cache_file is not None:
+        write_json_atomic(cache_file, entry)
+    return entry
+
+
+# --------------------------------------------------------------------------------------------------------------- frames
+
+
+def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):  # noqa: ANN202
+    """Returns a function episode -> dataset of frames, each with its action chunk [window, A] and pad mask."""
+    mask = np.asarray(action_mask(source, cfg.action_dim))
+    action_stats = stats["action"]
+    q01 = tf.constant(action_stats["q01"], tf.float32)
+    q99 = tf.constant(action_stats["q99"], tf.float32)
+    constant = tf.constant(np.asarray(action_stats["min"]) == np.asarray(action_stats["max"]))
+    tf_mask = tf.constant(mask)
+    # Past the episode end: no motion (the normalized value of a raw zero) on normalized dims, last value elsewhere.
+    pad_value = tf.constant(normalize(np.zeros(cfg.action_dim), {**action_stats, "mask": mask}))
+
+    def normalize_tf(x: tf.Tensor) -> tf.Tensor:
+        normed = tf.clip_by_value(2 * (x - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
+        normed = tf.where(constant, 0.0, normed)
+        return tf.where(tf_mask, normed, x)
+
+    def to_frames(episode: dict) -> tf.data.Dataset:
+        steps = episode["steps"]
+        action = normalize_tf(_actions(source, steps, cfg.action_dim))
+        length = tf.shape(action)[0]
+        index_grid = tf.range(length)[:, None] + tf.range(cfg.window)[None, :]  # [T, W]
+        pad_mask = index_grid < length
+        chunks = tf.gather(action, tf.minimum(index_grid, length - 1))  # [T, W, A]
+        chunks = tf.where(pad_mask[..., None] | ~tf_mask, chunks, pad_value)
+        frame = {
+            "image": _get(steps, source.image_key),
+            "prompt": _get(steps, source.language_key),
+            "action": chunks,
+            "action_pad_mask": pad_mask,
+            "dataset_index": tf.fill([length], index),
+        }
+        if cfg.use_wrist_image and source.wrist_image_key:
+            frame["wrist_image"] = _get(steps, source.wrist_image_key)
+        if source.state_key and "proprio" in stats:
+            state = tf.cast(_get(steps, source.state_key), tf.float32)
+            p01 = tf.constant(stats["proprio"]["q01"], tf.float32)
+            p99 = tf.constant(stats["proprio"]["q99"], tf.float32)
+            frame["state"] = tf.clip_by_value(2 * (state - p01) / (p99 - p01 + 1e-8) - 1, -1, 1)
+        return tf.data.Dataset.from_tensor_slices(frame)
+
+    return to_frames
+
+
+def _decode(cfg: LoaderConfig, train: bool):  # noqa: ANN202
+    size = cfg.image_size
+
+    def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+        image = tf.io.decode_jpeg(encoded, channels=3)
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if train and cfg.augment:
+            image = _augment(image)
+        image = tf.image.resize(image, [size, size], method="bilinear")
+        return tf.cast(tf.clip_by_value(image, 0, 1) * 255 + 0.5, tf.uint8)
+
+    def decode(frame: dict) -> dict:
+        frame = dict(frame)
+        frame["image"] = decode_image(frame["image"])
+        if "wrist_image" in frame:
+            frame["wrist_image"] = decode_image(frame["wrist_image"])
+        return frame
+
+    return decode
+
+
+def _augment(image: tf.Tensor) -> tf.Tensor:
+    """OpenVLA's recipe: random resized crop (area 0.9, square), brightness 0.2, contrast and saturation 0.8-1.2,
+    hue 0.05. image: float [H, W, 3] in [0, 1]."""
+    shape = tf.shape(image)
+    side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * 0.9**0.5, tf.int32)
+    image = tf.image.random_crop(image, [side, side, 3])
+    image = tf.image.random_brightness(image, 0.2)
+    image = tf.image.random_contrast(image, 0.8, 1.2)
+    image = tf.image.random_saturation(image, 0.8, 1.2)
+    image = tf.image.random_hue(image, 0.05)
+    return tf.clip_by_value(image, 0, 1)
+
+
+def make_frame_dataset(
+    sources: list[RLDSSource],
+    statistics: dict,
+    cfg: LoaderConfig,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+) -> tf.data.Dataset:
+    """Batched frames. split "train" repeats forever (shuffled, augmented); "val" is one ordered pass.
+
+    The held-out episodes are the last `val_fraction` of each dataset's train split (deterministic). Under a
+    multi-process launch each rank reads its own slice of episodes.
+    """
+    train = split == "train"
+    percent = round(100 * (1 - cfg.val_fraction))
+    tfds_split = f"train[:{percent}%]" if train else f"train[{percent}%:]"
+    if train and cfg.val_fraction <= 0:
+        tfds_split = "train"
+    parallel = cfg.num_parallel_calls if cfg.num_parallel_calls > 0 else tf.data.AUTOTUNE
+    per_source = []
+    for index, source in enumerate(sources):
+        builder = open_builder(source)
+        split_for_rank = tfds.even_splits(tfds_split, n=world_size, drop_remainder=False)[rank]
+        episodes = _episodes(builder, split_for_rank, shuffle=train, seed=cfg.seed + index)
+        to_frames = _frames(source, statistics[source.key], cfg, index)
+        if train:
+            episodes = episodes.repeat().shuffle(cfg.episode_shuffle_buffer, seed=cfg.seed + index)
+            frames = episodes.interleave(
+                to_frames, cycle_length=cfg.interleave_episodes, num_parallel_calls=parallel, deterministic=False
+            )
+        else:
+            frames = episodes.flat_map(to_frames)
+        per_source.append(frames)
+    if train:
+        weights = np.asarray([s.weight for s in sources], np.float64)
+        frames = per_source[0] if len(per_source) == 1 else tf.data.Dataset.sample_from_datasets(
+            per_source, weights=(weights / weights.sum()).tolist(), seed=cfg.seed
+        )
+        frames = frames.shuffle(cfg.frame_shuffle_buffer, seed=cfg.seed)
+    else:
+        frames = per_source[0]
+        for more in per_source[1:]:
+            frames = frames.concatenate(more)
+    frames = frames.map(_decode(cfg, train), num_parallel_calls=parallel, deterministic=not train)
+    options = tf.data.Options()
+    options.deterministic = not train
+    return frames.batch(cfg.batch_size, drop_remainder=train).prefetch(2).with_options(options)
+
+
+def iterate_torch(dataset: tf.data.Dataset) -> Iterator[dict]:
+    """Numpy batches from tf.data as torch tensors (images stay uint8; prompts become str)."""
+    for batch in dataset.as_numpy_iterator():
+        out = {key: torch.from_numpy(np.array(value)) for key, value in batch.items() if key != "prompt"}
+        out["prompt"] = [p.decode("utf-8") for p in batch["prompt"]]
+        yield out
+
+
+def sources_from_config(dataset_cfg: dict) -> list[RLDSSource]:
+    """The RLDSSource list of a `dataset` config group; builds the dataset first when it has a `generate` recipe and
+    is not on disk yet."""
+    from hydra.utils import instantiate
+
+    entries = dataset_cfg.get("sources") or []
+    if not entries:
+        raise ValueError("dataset config has no `sources`: expected a list of {name, data_dir, ...}")
+    sources = []
+    for entry in entries:
+        try:
+            sources.append(RLDSSource(**dict(entry)))
+        except TypeError as e:
+            raise ValueError(f"dataset source {dict(entry)} has an unknown field: {e}") from e
+    generate = dataset_cfg.get("generate")
+    if generate is not None and not (Path(sources[0].data_dir).expanduser() / sources[0].name).is_dir():
+        print(f"dataset: generating {sources[0].name} in {sources[0].data_dir}", flush=True)
+        instantiate(generate)
+    return sources
+
+
+def compute_all_statistics(sources: list[RLDSSource], action_dim: int, cache_dir: str | Path | None) -> dict:
+    """dataset_statistics.json content for a mixture: one entry per source, keyed by its unnorm_key."""
+    return {source.key: compute_statistics(source, action_dim, cache_dir) for source in sources}

@@ -1,0 +1,113 @@
+"""Deployable checkpoint dirs: everything needed to rebuild and run a policy, loadable with one call.
+
+    <ckpt>/config.yaml                the resolved training config (model, robot, dataset, ...)
+          dataset_statistics.json     statistics keyed by unnorm_key (CogACT / OpenVLA format)
+          norm_stats.json             the same statistics in openpi's format
+          model.safetensors           weights
+          tokenizer/                  the tokenizer files, so loading never needs the network
+          meta.json                   step, metrics, package versions, git revision
+
+Resume-only training state (optimizer, scheduler, RNG) lives apart, under the run's `state/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model, save_model
+
+from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, select_statistics, to_norm_stats, write_json_atomic
+from models.policy import Policy
+
+PACKAGES = ("torch", "transformers", "timm", "peft", "accelerate", "tensorflow-cpu", "tensorflow", "mani_skill")
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path, model: Policy, cfg: DictConfig, statistics: dict, step: int, metrics: dict | None = None
+) -> Path:
+    """Write the dir atomically: built beside the target, then renamed over it."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}."))
+    try:
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json_atomic(tmp / STATISTICS_FILE, statistics)
+        unnorm_key = cfg.get("unnorm_key") or next(iter(statistics))
+        write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer = getattr(getattr(model, "llm_backbone", None), "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        meta = {
+            "step": step,
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+            "unnorm_key": unnorm_key,
+            "model_class": f"{type(model).__module__}.{type(model).__name__}",
+            "packages": package_versions(),
+            "git_revision": git_revision(),
+        }
+        write_json_atomic(tmp / "meta.json", meta)
+        if ckpt_dir.exists():
+            old = ckpt_dir.with_name(f".{ckpt_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            ckpt_dir.rename(old)
+            tmp.rename(ckpt_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ckpt_dir
+
+
+def load_config(ckpt_dir: str | Path) -> DictConfig:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint dir {ckpt_dir} does not exist")
+    for name in ("config.yaml", "model.safetensors", STATISTICS_FILE):
+        if not (ckpt_dir / name).is_file():
+            raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint dir: {name} is missing")
+    return OmegaConf.load(ckpt_dir / "config.yaml")
+
+
+def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | None = None) -> Policy:
+    """Rebuild the policy from <ckpt>/config.yaml, load its weights and statistics; ready for inference."""
+    from datasets.statistics import load_statistics
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = load_config(ckpt_dir)
+    overrides: dict = {"pretrained": None}  # the checkpoint holds every weight; never fetch base weights again
+    if (ckpt_dir / "tokenizer").is_dir() and "llm_backbone" in cfg.model:
+        overrides["llm_backbone"] = {**OmegaConf.to_container(cfg.model.llm_backbone), "tokenizer": str(ckpt_dir / "tokenizer")}
+    model = instantiate(cfg.model, **overrides)
+    load_model(model, str(ckpt_dir / "model.safetensors"), strict=True, device="cpu")
+    statistics = load_statistics(ckpt_dir)
+    model.set_statistics(statistics, unnorm_key or cfg.get("unnorm_key"))
+    return model.to(torch.device(device)).eval()

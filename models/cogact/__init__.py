@@ -1,0 +1,3 @@
+from models.cogact.model import CogACT
+
+__all__ = ["CogACT"]

@@ -1,0 +1,89 @@
+"""Llama-2 language backbone with CogACT's prompt and cognition token.
+
+Module names match the official checkpoint (`llm_backbone.llm.model.layers...`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from models.tokenizer import build_tiny_tokenizer
+
+PROMPT = "In: What action should the robot take to {}?\nOut: "
+
+
+class LlamaBackbone(nn.Module):
+    """`tokenizer`: a Hub id or local dir (Llama-2's needs HF_TOKEN), or "tiny" for the locally built one.
+    `cognition_token_ids` are appended after the prompt; the hidden state at the last one is the cognition feature
+    (Llama-2: the empty token 29871 then EOS 2, as CogACT does). null: just EOS."""
+
+    def __init__(
+        self,
+        tokenizer: str = "meta-llama/Llama-2-7b-hf",
+        hidden_size: int = 4096,
+        num_layers: int = 32,
+        num_heads: int = 32,
+        intermediate_size: int = 11008,
+        vocab_size: int = 32064,
+        max_position_embeddings: int = 2048,
+        cognition_token_ids: list[int] | None = (29871, 2),
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer(tokenizer)
+        config = LlamaConfig(
+            vocab_size=max(vocab_size, len(self.tokenizer)),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_position_embeddings,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            attn_implementation=attn_implementation,
+        )
+        self.llm = LlamaForCausalLM(config)
+        self.hidden_size = hidden_size
+        ids = cognition_token_ids if cognition_token_ids is not None else [self.tokenizer.eos_token_id]
+        self.cognition_token_ids = [int(i) for i in ids]
+
+    def tokenize(self, instructions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """BOS + prompt + cognition tokens, right-padded. Returns input_ids, attention_mask [B, L]."""
+        rows = [
+            [self.tokenizer.bos_token_id]
+            + self.tokenizer(PROMPT.format(text.lower()), add_special_tokens=False).input_ids
+            + self.cognition_token_ids
+            for text in instructions
+        ]
+        length = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
+        attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
+        return input_ids, attention_mask
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm, as hidden_states[-1] of the causal LM) [B, L, D]."""
+        return self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    if name == "tiny":
+        return build_tiny_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN"))
+    except OSError as e:
+        hint = "" if Path(name).is_dir() else " (gated Hub repos need HF_TOKEN set and access granted)"
+        raise OSError(f"could not load tokenizer {name!r}{hint}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})  # Prismatic adds <PAD> to Llama-2 (id 32000)
+    return tokenizer

@@ -1,0 +1,142 @@
+"""CogACT: a VLM (DINOv2+SigLIP -> projector -> Llama-2) whose cognition feature conditions a DiT action head.
+
+Top-level module names (vision_backbone, projector, llm_backbone, action_model[, ema_diffusion]) are the keys of the
+official checkpoint's "model" dict, so `models.cogact.official` loads it strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from datasets.statistics import select_statistics, unnormalize
+from models.cogact.action_model import ActionModel
+from models.cogact.llm import LlamaBackbone
+from models.cogact.vision import DinoSigLIPBackbone, FusedMLPProjector
+from models.policy import Observation, Policy
+
+
+class CogACT(Policy):
+    """Sub-module settings are the keyword arguments of DinoSigLIPBackbone, LlamaBackbone and ActionModel.
+
+    repeated_diffusion_steps: noise draws per sample in the loss (CogACT: 4). cfg_scale: classifier-free guidance
+    at inference (1.0 disables it). ddim_steps: DDIM sampling steps. use_ema: keep an EMA copy of the action head
+    (`ema_diffusion`) and sample with it. pretrained: an official CogACT checkpoint (Hub id or local run dir).
+    """
+
+    def __init__(
+        self,
+        vision_backbone: dict,
+        llm_backbone: dict,
+        action_model: dict,
+        image_size: int = 224,
+        action_dim: int = 7,
+        future_action_window_size: int = 15,
+        repeated_diffusion_steps: int = 4,
+        cfg_scale: float = 1.5,
+        ddim_steps: int = 10,
+        use_ema: bool = False,
+        ema_decay: float = 0.9999,
+        gradient_checkpointing: bool = False,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.action_dim = action_dim
+        self.action_horizon = future_action_window_size + 1
+        self.repeated_diffusion_steps = repeated_diffusion_steps
+        self.cfg_scale = cfg_scale
+        self.ddim_steps = ddim_steps
+        self.ema_decay = ema_decay
+        self.vision_backbone = DinoSigLIPBackbone(image_size=image_size, **vision_backbone)
+        self.llm_backbone = LlamaBackbone(**llm_backbone)
+        self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, self.llm_backbone.hidden_size)
+        self.action_model = ActionModel(
+            condition_size=self.llm_backbone.hidden_size,
+            action_dim=action_dim,
+            future_action_window_size=future_action_window_size,
+            **action_model,
+        )
+        self.ema_diffusion = None
+        if use_ema:
+            self.ema_diffusion = copy.deepcopy(self.action_model).requires_grad_(False)
+        if gradient_checkpointing:
+            self.vision_backbone.set_grad_checkpointing(True)
+            self.llm_backbone.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.statistics: dict | None = None
+        self.unnorm_key: str | None = None
+        if pretrained:
+            from models.cogact.official import load_official_weights
+
+            load_official_weights(self, pretrained)
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_model.net.positional_embedding.device
+
+    def set_statistics(self, statistics: dict, unnorm_key: str | None = None) -> None:
+        """Statistics (dataset_statistics.json) used to un-normalize predictions; unnorm_key picks the dataset."""
+        self.unnorm_key, entry = select_statistics(statistics, unnorm_key)
+        if len(entry["action"]["q01"]) != self.action_dim:
+            raise ValueError(
+                f"statistics {self.unnorm_key!r} describe {len(entry['action']['q01'])}-dim actions, "
+                f"the model predicts {self.action_dim}"
+            )
+        self.statistics = statistics
+
+    def cognition_features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """images uint8 [B, S, S, 3], prompts -> the last-layer hidden state at the cognition token [B, 1, D]."""
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f"images are {tuple(images.shape[1:3])}, the model expects {self.image_size} px square")
+        patches = self.projector(self.vision_backbone(images))  # [B, N, D]
+        input_ids, text_mask = self.llm_backbone.tokenize(prompts, images.device)
+        text = self.llm_backbone.embed(input_ids).to(patches.dtype)
+        # Prismatic layout: BOS, image patches, the rest of the prompt.
+        embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
+        patch_mask = torch.ones(patches.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
+        mask = torch.cat([text_mask[:, :1], patch_mask, text_mask[:, 1:]], dim=1)
+        hidden = self.llm_backbone(embeds, mask)
+        last = patches.shape[1] + text_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        actions = batch["action"].to(self.device)
+        if actions.shape[1:] != (self.action_horizon, self.action_dim):
+            raise ValueError(
+                f"batch actions are {tuple(actions.shape[1:])}, the model expects "
+                f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
+            )
+        condition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
+        repeats = self.repeated_diffusion_steps
+        loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1))
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def on_optimizer_step(self) -> None:
+        if self.ema_diffusion is None:
+            return
+        for ema, live in zip(self.ema_diffusion.parameters(), self.action_model.parameters(), strict=True):
+            ema.lerp_(live.detach().to(ema.dtype), 1 - self.ema_decay)
+
+    @torch.no_grad()
+    def predict_normalized(
+        self, images: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Normalized action chunks [B, T, A]."""
+        condition = self.cognition_features(images.to(self.device), prompts)
+        head = self.ema_diffusion if self.ema_diffusion is not None else self.action_model
+        return head.sample(condition, self.cfg_scale, self.ddim_steps, generator=generator)
+
+    @torch.no_grad()
+    def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
+        if self.statistics is None:
+            raise RuntimeError("no dataset statistics set: load the model with models.load_policy(ckpt_dir)")
+        images = torch.from_numpy(np.stack([o.image for o in observations]))
+        normalized = self.predict_normalized(images, [o.prompt for o in observations]).float().cpu().numpy()
+        _, entry = select_statistics(self.statistics, self.unnorm_key)
+        return unnormalize(normalized, entry["action"])
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "unnorm_key": self.unnorm_key}

@@ -1,0 +1,66 @@
+"""Load official CogACT weights: `CogACT/CogACT-{Small,Base,Large}` on the Hub (gated: HF_TOKEN) or a local run dir
+
+    <run>/checkpoints/<name>.pt = {"model": {"projector", "llm_backbone", "vision_backbone", "action_model"
+                                            [, "ema_diffusion"]}}, plus <run>/config.json, dataset_statistics.json
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODULE_KEYS = ("vision_backbone", "projector", "llm_backbone", "action_model")
+
+
+def resolve_run_dir(pretrained: str) -> Path:
+    """A local run dir as is; otherwise a Hub repo id downloaded into the HF cache."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(pretrained, token=os.environ.get("HF_TOKEN")))
+    except GatedRepoError as e:
+        raise PermissionError(
+            f"{pretrained} is gated: request access on the Hub and export HF_TOKEN=<your token>"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{pretrained!r} is neither a local run dir nor a Hub repo you can read") from e
+
+
+def find_checkpoint_file(run_dir: Path) -> Path:
+    files = sorted((run_dir / "checkpoints").glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}/checkpoints/ holds no *.pt file (official CogACT layout)")
+    return files[-1]
+
+
+def load_official_weights(model: nn.Module, pretrained: str) -> dict[str, list[str]]:
+    """Load each module strictly; returns {"loaded": [...], "missing_modules": [...]} and raises on key mismatches
+    with the full lists of missing and unexpected keys."""
+    run_dir = resolve_run_dir(pretrained)
+    state = torch.load(find_checkpoint_file(run_dir), map_location="cpu", weights_only=True)["model"]
+    report = {"loaded": [], "missing_modules": []}
+    problems = []
+    for key in (*MODULE_KEYS, "ema_diffusion"):
+        module = getattr(model, key, None)
+        if module is None:
+            continue
+        source = state.get(key)
+        if source is None and key == "ema_diffusion":
+            source = state.get("action_model")  # as CogACT does: EMA starts from the live head
+        if source is None:
+            report["missing_modules"].append(key)
+            continue
+        result = module.load_state_dict(source, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            problems.append(f"{key}: missing {result.missing_keys[:20]}, unexpected {result.unexpected_keys[:20]}")
+        report["loaded"].append(key)
+    if problems:
+        raise KeyError(f"{run_dir} does not match the model:\n" + "\n".join(problems))
+    return report

@@ -1,0 +1,19 @@
+"""Finetune a policy: python train.py model=cogact dataset=libero   (multirun: python train.py -m optimizer.lr=1e-4,3e-4)"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from training.loop import train
+
+    result = train(cfg)
+    print(f"checkpoint: {result['checkpoint']}", flush=True)
+    return result["metric"]
+
+
+if __name__ == "__main__":
+    main()
