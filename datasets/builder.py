@@ -124,23 +124,24 @@ def write_rlds(
     features = _features(schema)
     episodes = iter(episodes)
 
-    class _Builder(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version(version)
+    with tfds.core.registered.skip_registration():  # built per call; never enters TFDS's global registry
 
-        def _info(self) -> tfds.core.DatasetInfo:
-            return tfds.core.DatasetInfo(builder=self, description=description, features=features)
+        class Builder(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version(version)
 
-        def _split_generators(self, dl_manager):  # noqa: ANN001 (tfds signature)
-            return {"train": self._generate_examples()}
+            def _info(self) -> tfds.core.DatasetInfo:
+                return tfds.core.DatasetInfo(builder=self, description=description, features=features)
 
-        def _generate_examples(self) -> Iterator[tuple[str, dict]]:
-            for i, episode in enumerate(episodes):
-                yield f"episode_{i:06d}", _to_rlds(i, episode, schema)
+            def _split_generators(self, dl_manager):  # noqa: ANN001, ANN202 (tfds signature)
+                return {"train": self._generate_examples()}
 
-    _Builder.name = name
+            def _generate_examples(self) -> Iterator[tuple[str, dict]]:
+                for i, episode in enumerate(episodes):
+                    yield f"episode_{i:06d}", _to_rlds(i, episode, schema)
+
+    Builder.name = name
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-building-") as tmp:
-        with tfds.core.registered.skip_registration():
-            builder = type(f"RLDS_{name}", (_Builder,), {"name": name})(data_dir=tmp)
+        builder = Builder(data_dir=tmp)
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards),
         )

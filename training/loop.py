@@ -91,7 +91,7 @@ def validate(model: Policy, dataset, statistics: dict, max_batches: int) -> dict
             break
         loss, _ = model.compute_loss(batch)
         losses.append(loss.item())
-        predicted = model.predict_normalized(batch["image"], batch["prompt"]).float().cpu()
+        predicted = model.predict_normalized(batch["image"], batch["prompt"]).float().cpu().clamp(-1, 1)
         true = batch["action"].float()
         l1.append((predicted - true).abs().mean().item())
         gripper.append(((predicted[..., -1] >= 0.5) == (true[..., -1] >= 0.5)).float().mean().item())

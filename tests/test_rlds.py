@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from datasets.builder import EpisodeSchema, write_rlds
+from datasets.rlds import (
+    LoaderConfig,
+    RLDSSource,
+    compute_statistics,
+    iterate_torch,
+    make_frame_dataset,
+    open_builder,
+)
+from datasets.statistics import normalize
+
+
+def _raw_actions(root) -> list[np.ndarray]:
+    builder = tfds.builder_from_directory(str(root / "sample" / "1.0.0"))
+    episodes = builder.as_dataset(split="train", decoders={"steps": tfds.decode.SkipDecoding()})
+    return [e["steps"]["action"] for e in episodes.as_numpy_iterator()]
+
+
+def test_layout_is_tfds(sample_rlds) -> None:
+    files = sorted(p.name for p in (sample_rlds / "sample" / "1.0.0").iterdir())
+    assert "dataset_info.json" in files and "features.json" in files
+    assert sum(".tfrecord-" in f for f in files) == 2
+    assert not [p for p in sample_rlds.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_statistics_cover_every_episode_and_are_cached(sample_rlds, tmp_path) -> None:
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = compute_statistics(source, 7, tmp_path)
+    actions = np.concatenate(_raw_actions(sample_rlds))
+    assert stats["num_transitions"] == len(actions) == 120 and stats["num_trajectories"] == 10
+    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(actions, 0.99, axis=0), rtol=1e-5)
+    assert stats["action"]["mask"] == [True] * 6 + [False]
+    assert len(stats["proprio"]["mean"]) == 8
+    cached = list(tmp_path.iterdir())
+    assert len(cached) == 1
+    assert compute_statistics(source, 7, tmp_path) == stats
+
+
+def test_libero_transform_inverts_gripper(sample_rlds, tmp_path) -> None:
+    plain = compute_statistics(RLDSSource(name="sample", data_dir=str(sample_rlds)), 7, None)
+    libero = compute_statistics(
+        RLDSSource(name="sample", data_dir=str(sample_rlds), action_transform="libero_gripper"), 7, None
+    )
+    assert libero["action"]["mean"][-1] == pytest.approx(1 - plain["action"]["mean"][-1], abs=1e-6)
+
+
+def test_frames_hold_normalized_chunks_with_padding(sample_rlds) -> None:
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = compute_statistics(source, 7, None)
+    cfg = LoaderConfig(image_size=24, window=16, batch_size=12, val_fraction=0.1, augment=False)
+    (batch,) = list(iterate_torch(make_frame_dataset([source], {"sample": stats}, cfg, split="val")))
+    episode = _raw_actions(sample_rlds)[-1]  # val = the last 10% of episodes, in order
+    assert batch["image"].shape == (12, 24, 24, 3) and str(batch["image"].dtype) == "torch.uint8"
+    assert batch["action"].shape == (12, 16, 7)
+    expected = normalize(episode, stats["action"])
+    np.testing.assert_allclose(batch["action"][0, :12].numpy(), expected, atol=1e-5)
+    pad = batch["action_pad_mask"][0].numpy()
+    assert pad[:12].all() and not pad[12:].any()
+    zero_motion = normalize(np.zeros((1, 7)), stats["action"])[0]
+    np.testing.assert_allclose(batch["action"][0, 12:, :6].numpy(), np.tile(zero_motion[:6], (4, 1)), atol=1e-5)
+    assert (batch["action"][0, 12:, 6] == float(episode[-1, 6])).all()
+    assert batch["prompt"][0].startswith("reach the ")
+
+
+def test_train_split_is_shuffled_augmented_and_endless(sample_rlds) -> None:
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = compute_statistics(source, 7, None)
+    cfg = LoaderConfig(image_size=24, window=4, batch_size=16, frame_shuffle_buffer=64, interleave_episodes=4)
+    batches = iterate_torch(make_frame_dataset([source], {"sample": stats}, cfg))
+    seen = [next(batches) for _ in range(12)]  # 192 frames > the 108 training frames: it repeats
+    assert all(b["action"].shape == (16, 4, 7) for b in seen)
+    assert len({p for b in seen for p in b["prompt"]}) > 1
+
+
+def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
+    a = RLDSSource(name="sample", data_dir=str(sample_rlds), weight=1.0)
+    b = RLDSSource(name="sample", data_dir=str(sample_rlds), weight=3.0, unnorm_key="sample_b")
+    stats = compute_statistics(a, 7, None)
+    cfg = LoaderConfig(image_size=16, window=2, batch_size=64, frame_shuffle_buffer=32, interleave_episodes=2)
+    batches = iterate_torch(make_frame_dataset([a, b], {"sample": stats, "sample_b": stats}, cfg))
+    index = np.concatenate([next(batches)["dataset_index"].numpy() for _ in range(8)])
+    assert 0.6 < (index == 1).mean() < 0.9
+
+
+def test_bad_inputs_name_what_is_wrong(sample_rlds, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RLDSSource(name="nope", data_dir=str(tmp_path)).path
+    (tmp_path / "empty" / "1.0.0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+        RLDSSource(name="empty", data_dir=str(tmp_path)).path
+    with pytest.raises(KeyError, match="observation/image"):
+        open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), image_key="observation/rgb"))
+
+
+def test_builder_refuses_nan_and_wrong_shapes(tmp_path) -> None:
+    schema = EpisodeSchema(image_size=8, state_dim=2, action_dim=7)
+    good = {
+        "image": np.zeros((3, 8, 8, 3), np.uint8),
+        "state": np.zeros((3, 2), np.float32),
+        "action": np.zeros((3, 7), np.float32),
+        "language_instruction": "do it",
+        "file_path": "ep0.npz",
+    }
+    bad = {**good, "action": np.full((3, 7), np.nan, np.float32)}
+    with pytest.raises(ValueError, match="ep0.npz: action holds NaN"):
+        write_rlds([good, bad], tmp_path, "broken", schema)
+    assert not (tmp_path / "broken").exists()
+    with pytest.raises(ValueError, match=r"expected \[T, 7\]"):
+        write_rlds([{**good, "action": np.zeros((3, 6))}], tmp_path, "broken", schema)

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from datasets.statistics import (
+    load_statistics,
+    normalize,
+    select_statistics,
+    summarize,
+    to_norm_stats,
+    unnormalize,
+    write_json_atomic,
+)
+
+
+def _stats(values: np.ndarray) -> dict:
+    return {**summarize(values), "mask": [True] * (values.shape[1] - 1) + [False]}
+
+
+def test_summarize_matches_numpy_definitions() -> None:
+    values = np.random.default_rng(0).normal(size=(1000, 3))
+    stats = summarize(values)
+    np.testing.assert_allclose(stats["q01"], np.quantile(values, 0.01, axis=0))
+    np.testing.assert_allclose(stats["std"], values.std(0))
+    assert set(stats) == {"mean", "std", "max", "min", "q01", "q99"}
+
+
+def test_normalize_formula_and_gripper_untouched() -> None:
+    values = np.random.default_rng(1).uniform(-2, 3, size=(500, 4)).astype(np.float32)
+    values[:, -1] = np.random.default_rng(2).integers(0, 2, 500)
+    stats = _stats(values)
+    normed = normalize(values, stats)
+    q01, q99 = np.array(stats["q01"]), np.array(stats["q99"])
+    expected = np.clip(2 * (values[:, 0] - q01[0]) / (q99[0] - q01[0] + 1e-8) - 1, -1, 1)
+    np.testing.assert_allclose(normed[:, 0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(normed[:, -1], values[:, -1])
+    assert normed[:, :-1].min() >= -1 and normed[:, :-1].max() <= 1
+
+
+def test_constant_dims_normalize_to_zero() -> None:
+    values = np.random.default_rng(3).normal(size=(100, 3)).astype(np.float32)
+    values[:, 1] = 0.25
+    assert np.all(normalize(values, _stats(values))[:, 1] == 0)
+
+
+def test_round_trip_inside_the_quantile_range() -> None:
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(2000, 7)).astype(np.float32)
+    values[:, -1] = rng.integers(0, 2, 2000)
+    stats = _stats(values)
+    inside = values[np.all((values[:, :-1] > stats["q01"][:-1]) & (values[:, :-1] < stats["q99"][:-1]), axis=1)]
+    restored = unnormalize(normalize(inside, stats), stats)
+    np.testing.assert_allclose(restored, inside, atol=1e-4)
+
+
+def test_unnormalize_clips_and_binarizes_gripper() -> None:
+    stats = {"q01": [-1.0, 0.0], "q99": [1.0, 1.0], "min": [-1.0, 0.0], "max": [1.0, 1.0], "mask": [True, False]}
+    out = unnormalize(np.array([[3.0, 0.49], [-0.5, 0.5]]), stats)
+    np.testing.assert_allclose(out, [[1.0, 0.0], [-0.5, 1.0]])
+
+
+def test_select_statistics_needs_key_when_ambiguous() -> None:
+    stats = {"a": {"action": {}}, "b": {"action": {}}}
+    with pytest.raises(ValueError, match="unnorm_key"):
+        select_statistics(stats, None)
+    with pytest.raises(KeyError, match="available"):
+        select_statistics(stats, "c")
+    assert select_statistics({"only": {"x": 1}}, None) == ("only", {"x": 1})
+
+
+def test_norm_stats_export_and_atomic_write(tmp_path) -> None:
+    values = np.random.default_rng(5).normal(size=(50, 7))
+    entry = {"action": _stats(values), "proprio": summarize(values[:, :3]), "num_transitions": 50, "num_trajectories": 2}
+    path = tmp_path / "dataset_statistics.json"
+    write_json_atomic(path, {"mine": entry})
+    assert load_statistics(tmp_path)["mine"]["num_transitions"] == 50
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset_statistics.json"]
+    norm = to_norm_stats(entry)["norm_stats"]
+    assert set(norm) == {"actions", "state"} and set(norm["actions"]) == {"mean", "std", "q01", "q99"}
+    (tmp_path / "bad.json").write_text(json.dumps({"k": {"nothing": 1}}))
+    with pytest.raises(ValueError, match="action.q01"):
+        load_statistics(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="dataset_statistics.json"):
+        load_statistics(tmp_path / "missing")
+
+
+def test_failed_write_keeps_the_old_file(tmp_path) -> None:
+    path = tmp_path / "stats.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
