@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from datasets.statistics import summarize
+from models import Observation, load_policy, save_checkpoint
+from models.cogact.diffusion import GaussianDiffusion, cosine_betas
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _model_cfg(**overrides: object):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["model=cogact_tiny", *[f"model.{k}={v}" for k, v in overrides.items()]])
+    return cfg
+
+
+def _stats() -> dict:
+    rng = np.random.default_rng(0)
+    values = rng.uniform(-1, 1, size=(200, 7))
+    values[:, -1] = rng.integers(0, 2, 200)
+    return {"toy": {"action": {**summarize(values), "mask": [True] * 6 + [False]}, "num_transitions": 200, "num_trajectories": 4}}
+
+
+def _batch(model, size: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randint(0, 256, (size, model.image_size, model.image_size, 3), dtype=torch.uint8, generator=generator),
+        "prompt": ["pick up the apple", "push the cube to the goal region"][:size],
+        "action": torch.rand(size, model.action_horizon, model.action_dim, generator=generator) * 2 - 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = instantiate(_model_cfg().model)
+    model.set_statistics(_stats())
+    return model
+
+
+def test_cosine_schedule_matches_its_definition() -> None:
+    betas = cosine_betas(100)
+    assert betas.shape == (100,) and float(betas.max()) <= 0.999 and float(betas.min()) > 0
+    diffusion = GaussianDiffusion(100)
+    assert diffusion.ddim_timesteps(10) == [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]
+    bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    assert float(diffusion.alphas_cumprod[49]) == pytest.approx(bar(0.5) / bar(0.0), rel=1e-6)
+
+
+def test_shapes_and_official_module_names(tiny) -> None:
+    names = {n.split(".")[0] for n, _ in tiny.named_parameters()}
+    assert names == {"vision_backbone", "projector", "llm_backbone", "action_model"}
+    keys = tiny.state_dict().keys()
+    assert "action_model.net.z_embedder.uncondition" in keys
+    assert "llm_backbone.llm.model.layers.0.self_attn.q_proj.weight" in keys
+    assert "projector.projector.0.weight" in keys and "vision_backbone.fused_featurizer.blocks.0.attn.qkv.weight" in keys
+    batch = _batch(tiny)
+    condition = tiny.cognition_features(batch["image"], batch["prompt"])
+    assert condition.shape == (2, 1, tiny.llm_backbone.hidden_size)
+    chunk = tiny.predict_action(Observation(image=batch["image"][0].numpy(), prompt="pick up the apple"))
+    assert chunk.shape == (16, 7) and chunk.dtype == np.float32
+    assert set(np.unique(chunk[:, -1])) <= {0.0, 1.0}
+
+
+def test_cognition_feature_ignores_padding(tiny) -> None:
+    tiny.eval()
+    batch = _batch(tiny)
+    short = tiny.cognition_features(batch["image"][:1], ["go"])
+    padded = tiny.cognition_features(batch["image"][:1].repeat(2, 1, 1, 1), ["go", "a much longer instruction than go"])
+    torch.testing.assert_close(short[0], padded[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_deterministic_given_a_seed_and_cfg_matters(tiny) -> None:
+    tiny.eval()
+    with torch.no_grad():
+        for p in tiny.action_model.net.final_layer.parameters():  # a non-trivial head, so that guidance shows
+            p.normal_(0, 0.5)
+    batch = _batch(tiny)
+    run = lambda seed, scale: (  # noqa: E731
+        setattr(tiny, "cfg_scale", scale),
+        tiny.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(seed)),
+    )[1]
+    torch.testing.assert_close(run(1, 1.5), run(1, 1.5))
+    assert not torch.allclose(run(1, 1.5), run(2, 1.5))
+    assert not torch.allclose(run(1, 1.5), run(1, 1.0))
+    tiny.cfg_scale = 1.5
+
+
+def test_loss_falls_when_overfitting_one_batch() -> None:
+    torch.manual_seed(0)
+    model = instantiate(_model_cfg().model)
+    batch = _batch(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(60):
+        loss, _ = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_ema_tracks_the_head() -> None:
+    model = instantiate(_model_cfg(use_ema=True, ema_decay=0.5).model)
+    live = model.action_model.net.x_embedder.linear.weight
+    ema = model.ema_diffusion.net.x_embedder.linear.weight
+    assert not ema.requires_grad
+    before = ema.detach().clone()
+    with torch.no_grad():
+        live.add_(1.0)
+    model.on_optimizer_step()
+    torch.testing.assert_close(ema, before + 0.5)
+
+
+def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
+    cfg = _model_cfg()
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True), "unnorm_key": "toy"})
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=3)
+    assert {p.name for p in ckpt.iterdir()} >= {"config.yaml", "dataset_statistics.json", "model.safetensors", "meta.json"}
+    loaded = load_policy(ckpt)
+    tiny.eval()
+    batch = _batch(tiny)
+    a = tiny.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
+    b = loaded.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        (ckpt / "model.safetensors").unlink()
+        load_policy(ckpt)
+
+
+def test_wrong_action_window_is_refused(tiny) -> None:
+    batch = _batch(tiny)
+    batch["action"] = batch["action"][:, :8]
+    with pytest.raises(ValueError, match=r"expects \[16, 7\]"):
+        tiny.compute_loss(batch)

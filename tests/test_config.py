@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import importlib.util
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (REPO / "conf" / "dataset").glob("*.yaml"))
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.mark.parametrize(("model", "dataset"), list(itertools.product(MODELS, DATASETS)))
+def test_every_model_dataset_pair_composes_and_resolves(model: str, dataset: str) -> None:
+    cfg = _compose([f"model={model}", f"dataset={dataset}", "hydra.runtime.output_dir=/tmp/x", "hydra.runtime.cwd=/tmp"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["_target_"] == "models.cogact.CogACT"
+    assert resolved["model"]["action_dim"] == resolved["robot"]["action_dim"] == 7
+    assert resolved["dataset"]["sources"], "a dataset config lists its RLDS sources"
+
+
+def test_libero_picks_the_libero_robot_and_the_four_suites() -> None:
+    cfg = _compose(["dataset=libero", "model=cogact", "hydra.runtime.output_dir=/tmp/x", "hydra.runtime.cwd=/tmp"])
+    assert cfg.robot.name == "libero_franka"
+    names = [s.name for s in cfg.dataset.sources]
+    assert names == [f"libero_{s}_no_noops" for s in ("spatial", "object", "goal", "10")]
+    assert all(s.action_transform == "libero_gripper" for s in cfg.dataset.sources)
+    assert cfg.model.pretrained == "CogACT/CogACT-Base" and cfg.model.llm_backbone.hidden_size == 4096
+
+
+def test_import_hygiene() -> None:
+    """HF `datasets` must not be installed, and `import datasets` must be this repo's package."""
+    from training.loop import check_import_hygiene
+
+    assert importlib.util.find_spec("datasets").origin == str(REPO / "datasets" / "__init__.py")
+    check_import_hygiene()
