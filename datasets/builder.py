@@ -132,7 +132,7 @@ def write_rlds(
             def _info(self) -> tfds.core.DatasetInfo:
                 return tfds.core.DatasetInfo(builder=self, description=description, features=features)
 
-            def _split_generators(self, dl_manager):  # noqa: ANN001, ANN202 (tfds signature)
+            def _split_generators(self, dl_manager):
                 return {"train": self._generate_examples()}
 
             def _generate_examples(self) -> Iterator[tuple[str, dict]]:

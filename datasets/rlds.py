@@ -111,7 +111,7 @@ def open_builder(source: RLDSSource) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def _flatten_keys(features, prefix: str = "") -> list[str]:  # noqa: ANN001 (a tfds FeaturesDict)
+def _flatten_keys(features, prefix: str = "") -> list[str]:
     keys = []
     for name, feature in features.items():
         if isinstance(feature, tfds.features.FeaturesDict):
@@ -164,7 +164,9 @@ def dataset_fingerprint(source: RLDSSource) -> str:
         if file.is_file():
             digest.update(f"{file.name}:{file.stat().st_size};".encode())
     digest.update((path / "dataset_info.json").read_bytes())
-    digest.update(json.dumps([source.action_key, source.state_key, source.action_transform, source.action_mask]).encode())
+    digest.update(
+        json.dumps([source.action_key, source.state_key, source.action_transform, source.action_mask]).encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -208,7 +210,7 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
 # --------------------------------------------------------------------------------------------------------------- frames
 
 
-def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):  # noqa: ANN202
+def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
     """Returns a function episode -> dataset of frames, each with its action chunk [window, A] and pad mask."""
     mask = np.asarray(action_mask(source, cfg.action_dim))
     action_stats = stats["action"]
@@ -251,7 +253,7 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):  # 
     return to_frames
 
 
-def _decode(cfg: LoaderConfig, train: bool):  # noqa: ANN202
+def _decode(cfg: LoaderConfig, train: bool):
     size = cfg.image_size
 
     def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -320,8 +322,12 @@ def make_frame_dataset(
         per_source.append(frames)
     if train:
         weights = np.asarray([s.weight for s in sources], np.float64)
-        frames = per_source[0] if len(per_source) == 1 else tf.data.Dataset.sample_from_datasets(
-            per_source, weights=(weights / weights.sum()).tolist(), seed=cfg.seed
+        frames = (
+            per_source[0]
+            if len(per_source) == 1
+            else tf.data.Dataset.sample_from_datasets(
+                per_source, weights=(weights / weights.sum()).tolist(), seed=cfg.seed
+            )
         )
         frames = frames.shuffle(cfg.frame_shuffle_buffer, seed=cfg.seed)
     else:

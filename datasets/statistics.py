@@ -1,8 +1,8 @@
 """dataset_statistics.json (CogACT / OpenVLA format) and BOUNDS_Q99 normalization. No TensorFlow here.
 
-    {"<unnorm_key>": {"action":  {"mean", "std", "max", "min", "q01", "q99", "mask"},
-                      "proprio": {"mean", "std", "max", "min", "q01", "q99"},
-                      "num_transitions": N, "num_trajectories": M}}
+{"<unnorm_key>": {"action":  {"mean", "std", "max", "min", "q01", "q99", "mask"},
+                  "proprio": {"mean", "std", "max", "min", "q01", "q99"},
+                  "num_transitions": N, "num_trajectories": M}}
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _EPS = 1e-8
 
 
 def summarize(values: np.ndarray) -> dict[str, list[float]]:
-    """mean/std/max/min/q01/q99 over axis 0 of values [N, D] (OpenVLA's definitions: population std, linear quantiles)."""
+    """mean/std/max/min/q01/q99 over axis 0 of values [N, D] (as OpenVLA: population std, linear quantiles)."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or len(values) == 0:
         raise ValueError(f"statistics need a non-empty [N, D] array, got shape {values.shape}")

@@ -12,7 +12,6 @@ Resume-only training state (optimizer, scheduler, RNG) lives apart, under the ru
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tempfile
@@ -105,7 +104,10 @@ def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | Non
     cfg = load_config(ckpt_dir)
     overrides: dict = {"pretrained": None}  # the checkpoint holds every weight; never fetch base weights again
     if (ckpt_dir / "tokenizer").is_dir() and "llm_backbone" in cfg.model:
-        overrides["llm_backbone"] = {**OmegaConf.to_container(cfg.model.llm_backbone), "tokenizer": str(ckpt_dir / "tokenizer")}
+        overrides["llm_backbone"] = {
+            **OmegaConf.to_container(cfg.model.llm_backbone),
+            "tokenizer": str(ckpt_dir / "tokenizer"),
+        }
     model = instantiate(cfg.model, **overrides)
     load_model(model, str(ckpt_dir / "model.safetensors"), strict=True, device="cpu")
     statistics = load_statistics(ckpt_dir)

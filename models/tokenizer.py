@@ -11,12 +11,27 @@ from transformers import PreTrainedTokenizerFast
 
 _CORPUS = [
     "In: What action should the robot take to {}?\nOut: ",
-    "pick up the apple", "pick up the red cube and place it in the bowl", "push the cube to the goal region",
-    "stack the red cube on top of the green cube", "pull the cube towards the robot", "open the top drawer",
-    "put the bowl on the plate", "reach the red target", "reach the green target", "reach the blue target",
-    "reach the yellow target", "lift the peg upright", "insert the peg into the hole", "roll the ball",
-    "put both the alphabet soup and the tomato sauce in the basket", "turn on the stove", "close the microwave",
-    "pick up the can", "move the gripper to the left", "place the sphere in the bin", "plug the charger",
+    "pick up the apple",
+    "pick up the red cube and place it in the bowl",
+    "push the cube to the goal region",
+    "stack the red cube on top of the green cube",
+    "pull the cube towards the robot",
+    "open the top drawer",
+    "put the bowl on the plate",
+    "reach the red target",
+    "reach the green target",
+    "reach the blue target",
+    "reach the yellow target",
+    "lift the peg upright",
+    "insert the peg into the hole",
+    "roll the ball",
+    "put both the alphabet soup and the tomato sauce in the basket",
+    "turn on the stove",
+    "close the microwave",
+    "pick up the can",
+    "move the gripper to the left",
+    "place the sphere in the bin",
+    "plug the charger",
 ]
 
 

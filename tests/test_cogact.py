@@ -26,13 +26,21 @@ def _stats() -> dict:
     rng = np.random.default_rng(0)
     values = rng.uniform(-1, 1, size=(200, 7))
     values[:, -1] = rng.integers(0, 2, 200)
-    return {"toy": {"action": {**summarize(values), "mask": [True] * 6 + [False]}, "num_transitions": 200, "num_trajectories": 4}}
+    return {
+        "toy": {
+            "action": {**summarize(values), "mask": [True] * 6 + [False]},
+            "num_transitions": 200,
+            "num_trajectories": 4,
+        }
+    }
 
 
 def _batch(model, size: int = 2) -> dict:
     generator = torch.Generator().manual_seed(0)
     return {
-        "image": torch.randint(0, 256, (size, model.image_size, model.image_size, 3), dtype=torch.uint8, generator=generator),
+        "image": torch.randint(
+            0, 256, (size, model.image_size, model.image_size, 3), dtype=torch.uint8, generator=generator
+        ),
         "prompt": ["pick up the apple", "push the cube to the goal region"][:size],
         "action": torch.rand(size, model.action_horizon, model.action_dim, generator=generator) * 2 - 1,
     }
@@ -61,7 +69,9 @@ def test_shapes_and_official_module_names(tiny) -> None:
     keys = tiny.state_dict().keys()
     assert "action_model.net.z_embedder.uncondition" in keys
     assert "llm_backbone.llm.model.layers.0.self_attn.q_proj.weight" in keys
-    assert "projector.projector.0.weight" in keys and "vision_backbone.fused_featurizer.blocks.0.attn.qkv.weight" in keys
+    assert (
+        "projector.projector.0.weight" in keys and "vision_backbone.fused_featurizer.blocks.0.attn.qkv.weight" in keys
+    )
     batch = _batch(tiny)
     condition = tiny.cognition_features(batch["image"], batch["prompt"])
     assert condition.shape == (2, 1, tiny.llm_backbone.hidden_size)
@@ -126,14 +136,19 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
     cfg = _model_cfg()
     cfg = OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True), "unnorm_key": "toy"})
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=3)
-    assert {p.name for p in ckpt.iterdir()} >= {"config.yaml", "dataset_statistics.json", "model.safetensors", "meta.json"}
+    assert {p.name for p in ckpt.iterdir()} >= {
+        "config.yaml",
+        "dataset_statistics.json",
+        "model.safetensors",
+        "meta.json",
+    }
     loaded = load_policy(ckpt)
     tiny.eval()
     batch = _batch(tiny)
     a = tiny.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
     b = loaded.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         (ckpt / "model.safetensors").unlink()
         load_policy(ckpt)
 

@@ -25,7 +25,9 @@ def _compose(overrides: list[str]):
 
 @pytest.mark.parametrize(("model", "dataset"), list(itertools.product(MODELS, DATASETS)))
 def test_every_model_dataset_pair_composes_and_resolves(model: str, dataset: str) -> None:
-    cfg = _compose([f"model={model}", f"dataset={dataset}", "hydra.runtime.output_dir=/tmp/x", "hydra.runtime.cwd=/tmp"])
+    cfg = _compose(
+        [f"model={model}", f"dataset={dataset}", "hydra.runtime.output_dir=/tmp/x", "hydra.runtime.cwd=/tmp"]
+    )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["_target_"] == "models.cogact.CogACT"
     assert resolved["model"]["action_dim"] == resolved["robot"]["action_dim"] == 7

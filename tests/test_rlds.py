@@ -90,10 +90,10 @@ def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
 
 def test_bad_inputs_name_what_is_wrong(sample_rlds, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        RLDSSource(name="nope", data_dir=str(tmp_path)).path
+        _ = RLDSSource(name="nope", data_dir=str(tmp_path)).path
     (tmp_path / "empty" / "1.0.0").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
-        RLDSSource(name="empty", data_dir=str(tmp_path)).path
+    with pytest.raises(FileNotFoundError, match=r"dataset_info\.json"):
+        _ = RLDSSource(name="empty", data_dir=str(tmp_path)).path
     with pytest.raises(KeyError, match="observation/image"):
         open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), image_key="observation/rgb"))
 
@@ -108,7 +108,7 @@ def test_builder_refuses_nan_and_wrong_shapes(tmp_path) -> None:
         "file_path": "ep0.npz",
     }
     bad = {**good, "action": np.full((3, 7), np.nan, np.float32)}
-    with pytest.raises(ValueError, match="ep0.npz: action holds NaN"):
+    with pytest.raises(ValueError, match=r"ep0\.npz: action holds NaN"):
         write_rlds([good, bad], tmp_path, "broken", schema)
     assert not (tmp_path / "broken").exists()
     with pytest.raises(ValueError, match=r"expected \[T, 7\]"):

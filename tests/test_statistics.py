@@ -73,7 +73,12 @@ def test_select_statistics_needs_key_when_ambiguous() -> None:
 
 def test_norm_stats_export_and_atomic_write(tmp_path) -> None:
     values = np.random.default_rng(5).normal(size=(50, 7))
-    entry = {"action": _stats(values), "proprio": summarize(values[:, :3]), "num_transitions": 50, "num_trajectories": 2}
+    entry = {
+        "action": _stats(values),
+        "proprio": summarize(values[:, :3]),
+        "num_transitions": 50,
+        "num_trajectories": 2,
+    }
     path = tmp_path / "dataset_statistics.json"
     write_json_atomic(path, {"mine": entry})
     assert load_statistics(tmp_path)["mine"]["num_transitions"] == 50
@@ -81,9 +86,9 @@ def test_norm_stats_export_and_atomic_write(tmp_path) -> None:
     norm = to_norm_stats(entry)["norm_stats"]
     assert set(norm) == {"actions", "state"} and set(norm["actions"]) == {"mean", "std", "q01", "q99"}
     (tmp_path / "bad.json").write_text(json.dumps({"k": {"nothing": 1}}))
-    with pytest.raises(ValueError, match="action.q01"):
+    with pytest.raises(ValueError, match=r"action\.q01"):
         load_statistics(tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError, match="dataset_statistics.json"):
+    with pytest.raises(FileNotFoundError, match=r"dataset_statistics\.json"):
         load_statistics(tmp_path / "missing")
 
 

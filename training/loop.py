@@ -82,7 +82,7 @@ def _loader_config(cfg: DictConfig, model: Policy) -> LoaderConfig:
 
 
 @torch.no_grad()
-def validate(model: Policy, dataset, statistics: dict, max_batches: int) -> dict[str, float]:  # noqa: ANN001
+def validate(model: Policy, dataset, statistics: dict, max_batches: int) -> dict[str, float]:
     """Diffusion loss on held-out episodes, plus L1 / gripper accuracy of sampled (normalized) chunks."""
     model.eval()
     losses, l1, gripper = [], [], []
@@ -98,14 +98,20 @@ def validate(model: Policy, dataset, statistics: dict, max_batches: int) -> dict
     model.train()
     if not losses:
         return {}
-    return {"val/loss": float(np.mean(losses)), "val/action_l1": float(np.mean(l1)), "val/gripper_acc": float(np.mean(gripper))}
+    return {
+        "val/loss": float(np.mean(losses)),
+        "val/action_l1": float(np.mean(l1)),
+        "val/gripper_acc": float(np.mean(gripper)),
+    }
 
 
 def train(cfg: DictConfig) -> dict:
-    """Runs the configured finetune; returns {"checkpoint": dir, "metric": best validation loss (or last train loss)}."""
+    """Runs the configured finetune; returns {"checkpoint": dir, "metric": best val loss, else the last train loss}."""
     check_import_hygiene()
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps)
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps
+    )
     set_seed(cfg.seed, device_specific=True)
     run_dir = Path(cfg.paths.output_dir)
 
@@ -121,10 +127,16 @@ def train(cfg: DictConfig) -> dict:
     counts = apply_finetune_mode(model, cfg.finetune.mode)
     unnorm_key = cfg.unnorm_key or sources[0].key
     model.set_statistics(statistics, unnorm_key)
-    accelerator.print(f"model: {type(model).__name__} {counts['total'] / 1e6:.2f}M params, {counts['trainable'] / 1e6:.2f}M trainable")
+    accelerator.print(
+        f"model: {type(model).__name__} {counts['total'] / 1e6:.2f}M params, {counts['trainable'] / 1e6:.2f}M trainable"
+    )
 
     loader_cfg = _loader_config(cfg, model)
-    train_data = iterate_torch(make_frame_dataset(sources, statistics, loader_cfg, "train", accelerator.process_index, accelerator.num_processes))
+    train_data = iterate_torch(
+        make_frame_dataset(
+            sources, statistics, loader_cfg, "train", accelerator.process_index, accelerator.num_processes
+        )
+    )
     val_data = make_frame_dataset(sources, statistics, loader_cfg, "val") if loader_cfg.val_fraction > 0 else None
 
     optimizer = instantiate(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
@@ -162,14 +174,27 @@ def train(cfg: DictConfig) -> dict:
         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - started
-            logger.log(step, {"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0], "train/frames_per_s": frames / elapsed})
+            logger.log(
+                step,
+                {
+                    "train/loss": last_loss,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/frames_per_s": frames / elapsed,
+                },
+            )
         metrics = {"train/loss": last_loss}
-        if val_data is not None and (step % cfg.val_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
+        if (
+            val_data is not None
+            and (step % cfg.val_every == 0 or step == cfg.max_steps)
+            and accelerator.is_main_process
+        ):
             metrics.update(validate(policy, val_data, statistics, cfg.val_batches))
             logger.log(step, metrics)
             best = min(best, metrics.get("val/loss", best))
         if (step % cfg.save_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
-            checkpoint = save_checkpoint(run_dir / "checkpoints" / f"step_{step:06d}", policy, final_cfg, statistics, step, metrics)
+            checkpoint = save_checkpoint(
+                run_dir / "checkpoints" / f"step_{step:06d}", policy, final_cfg, statistics, step, metrics
+            )
         accelerator.wait_for_everyone()
     progress.close()
     logger.close()

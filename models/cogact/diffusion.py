@@ -10,7 +10,7 @@ import torch
 
 
 def cosine_betas(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """squaredcos_cap_v2: alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, beta_i = 1 - alpha_bar(i+1)/alpha_bar(i)."""
+    """squaredcos_cap_v2: alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2, beta_i = 1 - ab(i+1) / ab(i)."""
 
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2

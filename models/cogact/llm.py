@@ -57,9 +57,11 @@ class LlamaBackbone(nn.Module):
     def tokenize(self, instructions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """BOS + prompt + cognition tokens, right-padded. Returns input_ids, attention_mask [B, L]."""
         rows = [
-            [self.tokenizer.bos_token_id]
-            + self.tokenizer(PROMPT.format(text.lower()), add_special_tokens=False).input_ids
-            + self.cognition_token_ids
+            [
+                self.tokenizer.bos_token_id,
+                *self.tokenizer(PROMPT.format(text.lower()), add_special_tokens=False).input_ids,
+                *self.cognition_token_ids,
+            ]
             for text in instructions
         ]
         length = max(len(r) for r in rows)

@@ -1,7 +1,7 @@
 """Load official CogACT weights: `CogACT/CogACT-{Small,Base,Large}` on the Hub (gated: HF_TOKEN) or a local run dir
 
-    <run>/checkpoints/<name>.pt = {"model": {"projector", "llm_backbone", "vision_backbone", "action_model"
-                                            [, "ema_diffusion"]}}, plus <run>/config.json, dataset_statistics.json
+<run>/checkpoints/<name>.pt = {"model": {"projector", "llm_backbone", "vision_backbone", "action_model"
+                                        [, "ema_diffusion"]}}, plus <run>/config.json, dataset_statistics.json
 """
 
 from __future__ import annotations
