@@ -1,4 +1,4 @@
-"""Finetune a policy: `python train.py model=cogact dataset=libero`; sweeps: `python train.py -m optimizer.lr=1e-4,3e-4`."""
+"""Finetune a policy: `python train.py model=cogact dataset=libero`, sweeps: `train.py -m optimizer.lr=1e-4,3e-4`"""
 
 from __future__ import annotations
 
