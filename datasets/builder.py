@@ -8,6 +8,7 @@ language_instruction, reward, discount, is_first, is_last, is_terminal; episode_
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import naming
+
+SPLIT_FIRST_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,15 @@ def write_rlds(
     num_shards: int = 1,
     version: str = "1.0.0",
     description: str = "",
+    file_template: str | None = None,
 ) -> Path:
     """Write episodes as an RLDS dataset; returns <out_dir>/<name>/<version>.
 
     An episode is a dict: image uint8 [T, H, W, 3], optional wrist_image, state float [T, S], action float [T, A],
     language_instruction str, optional reward [T], file_path str. The dataset appears only once complete (built in a
     temp dir, then renamed); an existing dataset of the same name and version is replaced only after success.
+    file_template: shard names, e.g. SPLIT_FIRST_TEMPLATE gives train-00000-of-00004.tfrecord; None: TFDS's default
+    {DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}. Readers follow dataset_info.json's filepathTemplate either way.
     """
     out_dir = Path(out_dir)
     final = out_dir / name / version
@@ -134,6 +141,10 @@ def write_rlds(
 
             def _split_generators(self, dl_manager):
                 return {"train": self._generate_examples()}
+
+            def _get_filename_template(self, split_name: str) -> naming.ShardedFileTemplate:
+                template = super()._get_filename_template(split_name)
+                return dataclasses.replace(template, template=file_template) if file_template else template
 
             def _generate_examples(self) -> Iterator[tuple[str, dict]]:
                 for i, episode in enumerate(episodes):

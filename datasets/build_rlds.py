@@ -1,0 +1,170 @@
+"""Turn your own episodes into an RLDS dataset (TFDS layout, LIBERO-like schema).
+
+    # a folder of per-episode .npz or .h5 files: image [T,H,W,3] uint8, state [T,S], action [T,A],
+    # language_instruction (str), optional wrist_image [T,H,W,3]
+    python -m datasets.build_rlds episodes --source my_episodes/ --out data/rlds --name my_dataset
+
+    # ManiSkill3 trajectories (.h5 + .json beside it) recorded or replayed with `-o rgb -c pd_ee_delta_pose`
+    python -m datasets.build_rlds maniskill --source demos/PickCube-v1/trajectory.rgb.pd_ee_delta_pose.h5 \
+        --out data/rlds --name maniskill_pickcube --instruction "pick up the cube"
+
+ManiSkill actions are written as recorded (gripper -1 close / +1 open): train on them with
+`action_transform: gripper_signed_to_unit`. States are [tcp xyz, tcp euler xyz, gripper finger qpos x2] (8 dims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+from scipy.spatial.transform import Rotation
+from tqdm import tqdm
+
+from datasets.builder import SPLIT_FIRST_TEMPLATE, EpisodeSchema, write_rlds
+
+EPISODE_KEYS = ("image", "state", "action", "language_instruction")
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    if images.shape[1:3] == (size, size):
+        return np.ascontiguousarray(images, dtype=np.uint8)
+    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images]).astype(np.uint8)
+
+
+def _text(value: object) -> str:
+    value = np.asarray(value).reshape(-1)[0] if not isinstance(value, str | bytes) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_episode_file(path: Path) -> dict:
+    """One .npz or .h5 episode file -> episode dict (see module docstring)."""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    else:
+        with h5py.File(path, "r") as f:
+            data = {k: f[k][()] for k in f.keys()}
+    missing = [k for k in EPISODE_KEYS if k not in data]
+    if missing:
+        raise KeyError(
+            f"{path}: missing {missing}; an episode file needs {list(EPISODE_KEYS)} (+ optional wrist_image)"
+        )
+    data["language_instruction"] = _text(data["language_instruction"])
+    data["file_path"] = str(path)
+    return data
+
+
+def episode_files(source: Path) -> list[Path]:
+    if not source.is_dir():
+        raise FileNotFoundError(f"episode folder {source} does not exist")
+    files = sorted(p for p in source.iterdir() if p.suffix in (".npz", ".h5", ".hdf5"))
+    if not files:
+        raise FileNotFoundError(f"{source} holds no .npz or .h5 episode files")
+    return files
+
+
+def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) -> Iterator[dict]:
+    """Episodes of a ManiSkill3 trajectory file (its .json metadata beside it), successful or not."""
+    meta_path = traj_path.with_suffix(".json")
+    if not traj_path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"need {traj_path} and {meta_path} (ManiSkill3 trajectory + metadata)")
+    meta = json.loads(meta_path.read_text())
+    env_info = meta.get("env_info", {})
+    control_mode = env_info.get("env_kwargs", {}).get("control_mode")
+    if control_mode not in (None, "pd_ee_delta_pose"):
+        raise ValueError(
+            f"{traj_path} was recorded in {control_mode}; replay it first with "
+            "`python -m mani_skill.trajectory.replay_trajectory -o rgb -c pd_ee_delta_pose --save-traj`"
+        )
+    if instruction is None:
+        from sim.tasks import default_prompt
+
+        instruction = default_prompt(env_info.get("env_id", ""))
+    with h5py.File(traj_path, "r") as f:
+        for episode in meta["episodes"]:
+            group = f[f"traj_{episode['episode_id']}"]
+            sensors = group.get("obs/sensor_data")
+            if sensors is None or camera not in sensors:
+                available = list(sensors.keys()) if sensors is not None else []
+                raise KeyError(
+                    f"{traj_path}: traj_{episode['episode_id']} has no rgb images of camera {camera!r} "
+                    f"(cameras: {available}); replay with `-o rgb`"
+                )
+            actions = group["actions"][()].astype(np.float32)
+            steps = len(actions)
+            tcp = group["obs/extra/tcp_pose"][()][:steps]
+            euler = Rotation.from_quat(tcp[:, [4, 5, 6, 3]]).as_euler("xyz")  # ManiSkill quaternions are wxyz
+            fingers = group["obs/agent/qpos"][()][:steps, -2:]
+            yield {
+                "image": group[f"obs/sensor_data/{camera}/rgb"][()][:steps],
+                "state": np.concatenate([tcp[:, :3], euler, fingers], axis=1).astype(np.float32),
+                "action": actions,
+                "reward": group["rewards"][()].astype(np.float32) if "rewards" in group else None,
+                "language_instruction": instruction,
+                "file_path": f"{traj_path.name}/traj_{episode['episode_id']}",
+                "terminal": bool(episode.get("success", False)),
+            }
+
+
+def build(episodes: Iterator[dict], total: int | None, args: argparse.Namespace) -> Path:
+    episodes = iter(episodes)
+    first = next(episodes, None)
+    if first is None:
+        raise ValueError("no episodes to write")
+    wrist = args.wrist_image_size if "wrist_image" in first and first["wrist_image"] is not None else 0
+    schema = EpisodeSchema(
+        image_size=args.image_size,
+        wrist_image_size=wrist,
+        state_dim=np.shape(first["state"])[1],
+        action_dim=np.shape(first["action"])[1],
+    )
+
+    def prepared() -> Iterator[dict]:
+        for episode in tqdm(_chain(first, episodes), total=total, desc="episodes"):
+            episode = {k: v for k, v in episode.items() if v is not None}
+            episode["image"] = _resize(np.asarray(episode["image"]), schema.image_size)
+            if wrist:
+                episode["wrist_image"] = _resize(np.asarray(episode["wrist_image"]), wrist)
+            else:
+                episode.pop("wrist_image", None)
+            yield episode
+
+    template = SPLIT_FIRST_TEMPLATE if args.split_first_names else None
+    return write_rlds(prepared(), args.out, args.name, schema, args.shards, args.version, file_template=template)
+
+
+def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
+    yield first
+    yield from rest
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("format", choices=["episodes", "maniskill"])
+    parser.add_argument("--source", type=Path, required=True, help="episode folder, or a ManiSkill .h5 trajectory")
+    parser.add_argument("--out", type=Path, required=True, help="root dir; the dataset goes to <out>/<name>/<version>")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--wrist-image-size", type=int, default=256)
+    parser.add_argument("--camera", default="base_camera", help="ManiSkill camera written as observation/image")
+    parser.add_argument("--instruction", default=None, help="ManiSkill: language instruction (default: per task)")
+    parser.add_argument("--split-first-names", action="store_true", help="name shards train-00000-of-0000N.tfrecord")
+    args = parser.parse_args(argv)
+    if args.format == "episodes":
+        files = episode_files(args.source)
+        path = build((read_episode_file(f) for f in files), len(files), args)
+    else:
+        path = build(maniskill_episodes(args.source, args.camera, args.instruction), None, args)
+    print(f"dataset: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
