@@ -12,6 +12,7 @@ Resume-only training state (optimizer, scheduler, RNG) lives apart, under the ru
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, select_statistics, to_norm_stats, write_json_atomic
+from models.finetune import add_lora_adapters
 from models.policy import Policy
 
 PACKAGES = ("torch", "transformers", "timm", "peft", "accelerate", "tensorflow-cpu", "tensorflow", "mani_skill")
@@ -48,9 +50,19 @@ def package_versions() -> dict[str, str]:
 
 
 def save_checkpoint(
-    ckpt_dir: str | Path, model: Policy, cfg: DictConfig, statistics: dict, step: int, metrics: dict | None = None
+    ckpt_dir: str | Path,
+    model: Policy,
+    cfg: DictConfig,
+    statistics: dict,
+    step: int,
+    metrics: dict | None = None,
+    trainable_only: bool = False,
 ) -> Path:
-    """Write the dir atomically: built beside the target, then renamed over it."""
+    """Write the dir atomically: built beside the target, then renamed over it.
+
+    trainable_only: store just the weights that train (LoRA adapters, projector, head, EMA); loading rebuilds the
+    rest from the base the config references (`model.pretrained`).
+    """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}."))
@@ -59,7 +71,12 @@ def save_checkpoint(
         write_json_atomic(tmp / STATISTICS_FILE, statistics)
         unnorm_key = cfg.get("unnorm_key") or next(iter(statistics))
         write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
-        save_model(model, str(tmp / "model.safetensors"))
+        if trainable_only:
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            state = {k: v.contiguous() for k, v in model.state_dict().items() if k in trained or ".ema_" in f".{k}"}
+            save_file(state, str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         tokenizer = getattr(getattr(model, "llm_backbone", None), "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
@@ -67,6 +84,8 @@ def save_checkpoint(
             "step": step,
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "unnorm_key": unnorm_key,
+            "weights": "trainable_only" if trainable_only else "full",
+            "base": cfg.model.get("pretrained") if trainable_only else None,
             "model_class": f"{type(model).__module__}.{type(model).__name__}",
             "packages": package_versions(),
             "git_revision": git_revision(),
@@ -102,14 +121,25 @@ def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | Non
 
     ckpt_dir = Path(ckpt_dir)
     cfg = load_config(ckpt_dir)
-    overrides: dict = {"pretrained": None}  # the checkpoint holds every weight; never fetch base weights again
+    meta = json.loads((ckpt_dir / "meta.json").read_text()) if (ckpt_dir / "meta.json").is_file() else {}
+    trainable_only = meta.get("weights") == "trainable_only"
+    # A full checkpoint holds every weight: never fetch base weights again. A LoRA one rebuilds its base first.
+    overrides: dict = {} if trainable_only else {"pretrained": None}
     if (ckpt_dir / "tokenizer").is_dir() and "llm_backbone" in cfg.model:
-        overrides["llm_backbone"] = {
-            **OmegaConf.to_container(cfg.model.llm_backbone),
-            "tokenizer": str(ckpt_dir / "tokenizer"),
-        }
+        llm_cfg = OmegaConf.to_container(cfg.model.llm_backbone)
+        overrides["llm_backbone"] = {**llm_cfg, "tokenizer": str(ckpt_dir / "tokenizer")}
     model = instantiate(cfg.model, **overrides)
-    load_model(model, str(ckpt_dir / "model.safetensors"), strict=True, device="cpu")
+    finetune = cfg.get("finetune") or {}
+    if finetune.get("mode") == "lora":
+        add_lora_adapters(model, **OmegaConf.to_container(finetune.get("lora") or OmegaConf.create({})))
+    if trainable_only:
+        state = load_file(str(ckpt_dir / "model.safetensors"))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if unexpected:
+            raise KeyError(f"{ckpt_dir}/model.safetensors has keys the model lacks: {unexpected[:10]}")
+        model.load_state_dict(state, strict=False)
+    else:
+        load_model(model, str(ckpt_dir / "model.safetensors"), strict=True, device="cpu")
     statistics = load_statistics(ckpt_dir)
     model.set_statistics(statistics, unnorm_key or cfg.get("unnorm_key"))
     return model.to(torch.device(device)).eval()

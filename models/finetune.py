@@ -1,18 +1,25 @@
-"""Finetuning modes: which parameters of a policy train (`finetune=full|head_only|frozen_vision`)."""
+"""Finetuning modes: which parameters of a policy train (`finetune=full|lora|frozen_vision|head_only`).
+
+Under `lora` the LLM gets peft LoRA adapters (all linear layers by default), the projector and the action head train
+fully, and the vision backbone is frozen (or gets adapters too with `lora.vision: true`).
+"""
 
 from __future__ import annotations
 
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 FROZEN_MODULES = {
     "full": (),
     "frozen_vision": ("vision_backbone",),
     "head_only": ("vision_backbone", "projector", "llm_backbone"),
+    "lora": ("vision_backbone", "llm_backbone"),  # adapters are added after freezing, and they train
 }
 
 
-def apply_finetune_mode(model: nn.Module, mode: str) -> dict[str, int]:
-    """Freeze the modules the mode names; the EMA copy never trains. Returns total and trainable parameter counts."""
+def apply_finetune_mode(model: nn.Module, mode: str, lora: dict | None = None) -> dict[str, int]:
+    """Freeze what the mode names (the EMA copy never trains), add LoRA adapters for `lora`.
+    Returns total and trainable parameter counts."""
     if mode not in FROZEN_MODULES:
         raise ValueError(f"finetune.mode={mode!r} unknown; expected one of {sorted(FROZEN_MODULES)}")
     model.requires_grad_(True)
@@ -21,9 +28,45 @@ def apply_finetune_mode(model: nn.Module, mode: str) -> dict[str, int]:
         if module is None:
             raise ValueError(f"finetune.mode={mode!r} freezes `{name}`, which {type(model).__name__} does not have")
         module.requires_grad_(False)
+    if mode == "lora":
+        add_lora_adapters(model, **(lora or {}))
     if getattr(model, "ema_diffusion", None) is not None:
         model.ema_diffusion.requires_grad_(False)
     return count_parameters(model)
+
+
+def add_lora_adapters(
+    model: nn.Module,
+    r: int = 32,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    vision: bool = False,
+) -> None:
+    """Wrap the LLM (and optionally both ViTs) with peft LoRA adapters; only the adapters of those modules train."""
+    if isinstance(model.llm_backbone.llm, PeftModel):
+        raise ValueError("the LLM already carries LoRA adapters")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    model.llm_backbone.llm = get_peft_model(model.llm_backbone.llm, config)
+    if vision:
+        vision_config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["qkv", "proj", "fc1", "fc2"]
+        )
+        backbone = model.vision_backbone
+        backbone.featurizer = get_peft_model(backbone.featurizer, vision_config)
+        backbone.fused_featurizer = get_peft_model(backbone.fused_featurizer, vision_config)
+
+
+def merge_lora_adapters(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base weights; the model becomes a plain one again (same outputs)."""
+    backbone = model.llm_backbone
+    if isinstance(backbone.llm, PeftModel):
+        backbone.llm = backbone.llm.merge_and_unload()
+    vision = model.vision_backbone
+    for name in ("featurizer", "fused_featurizer"):
+        if isinstance(getattr(vision, name), PeftModel):
+            setattr(vision, name, getattr(vision, name).merge_and_unload())
+    return model
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

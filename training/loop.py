@@ -124,7 +124,7 @@ def train(cfg: DictConfig) -> dict:
     model: Policy = instantiate(cfg.model)
     if model.action_dim != cfg.robot.action_dim:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
-    counts = apply_finetune_mode(model, cfg.finetune.mode)
+    counts = apply_finetune_mode(model, cfg.finetune.mode, OmegaConf.to_container(cfg.finetune.get("lora") or {}))
     unnorm_key = cfg.unnorm_key or sources[0].key
     model.set_statistics(statistics, unnorm_key)
     accelerator.print(
@@ -193,7 +193,13 @@ def train(cfg: DictConfig) -> dict:
             best = min(best, metrics.get("val/loss", best))
         if (step % cfg.save_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
             checkpoint = save_checkpoint(
-                run_dir / "checkpoints" / f"step_{step:06d}", policy, final_cfg, statistics, step, metrics
+                run_dir / "checkpoints" / f"step_{step:06d}",
+                policy,
+                final_cfg,
+                statistics,
+                step,
+                metrics,
+                trainable_only=cfg.finetune.mode == "lora" and bool(cfg.model.get("pretrained")),
             )
         accelerator.wait_for_everyone()
     progress.close()

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -75,7 +76,8 @@ class LlamaBackbone(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm, as hidden_states[-1] of the causal LM) [B, L, D]."""
-        return self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm  # under LoRA
+        return causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

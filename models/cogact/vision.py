@@ -39,6 +39,10 @@ class DinoSigLIPBackbone(nn.Module):
             self.register_buffer(f"{name}_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer(f"{name}_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    @staticmethod
+    def featurizer_dtype(model: nn.Module) -> torch.dtype:
+        return next(model.parameters()).dtype
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.featurizer.set_grad_checkpointing(enable)
         self.fused_featurizer.set_grad_checkpointing(enable)
@@ -51,7 +55,7 @@ class DinoSigLIPBackbone(nn.Module):
             (self.featurizer, self.dino_mean, self.dino_std),
             (self.fused_featurizer, self.siglip_mean, self.siglip_std),
         ):
-            x = ((pixels - mean) / std).to(model.patch_embed.proj.weight.dtype)
+            x = ((pixels - mean) / std).to(self.featurizer_dtype(model))
             (patches,) = model.get_intermediate_layers(x, n=[len(model.blocks) - 2])
             features.append(patches)
         return torch.cat(features, dim=-1)

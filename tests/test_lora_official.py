@@ -1,0 +1,106 @@
+"""Official CogACT layout round trip, LoRA finetuning with trainable-only checkpoints, and merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from models import load_policy, save_checkpoint
+from models.cogact.official import MODULE_KEYS, load_official_weights
+from models.finetune import apply_finetune_mode
+from models.merge_lora import merge_checkpoint
+from tests.test_cogact import _batch, _stats
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=["model=cogact_tiny", *overrides])
+
+
+def _write_official_run(model, run_dir: Path) -> Path:
+    """A tiny model saved exactly as CogACT's training code saves: checkpoints/<name>.pt + config.json + stats."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    state = {key: getattr(model, key).state_dict() for key in MODULE_KEYS}
+    torch.save({"model": state}, run_dir / "checkpoints" / "step-010000-epoch-01-loss=0.1000.pt")
+    (run_dir / "config.json").write_text(json.dumps({"vla": {"base_vlm": "tiny"}}))
+    (run_dir / "dataset_statistics.json").write_text(json.dumps(_stats()))
+    return run_dir
+
+
+def _sample(model, batch) -> torch.Tensor:
+    model.eval()
+    return model.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def official_run(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(1)
+    source = instantiate(_cfg().model)
+    with torch.no_grad():
+        source.action_model.net.final_layer.linear.weight.normal_(0, 0.1)
+    return _write_official_run(source, tmp_path_factory.mktemp("official") / "run"), source
+
+
+def test_official_layout_loads_with_identical_outputs(official_run) -> None:
+    run_dir, source = official_run
+    torch.manual_seed(2)  # a different random init, overwritten by the load
+    loaded = instantiate(_cfg(f"model.pretrained={run_dir}").model)
+    batch = _batch(loaded)
+    torch.testing.assert_close(_sample(loaded, batch), _sample(source, batch))
+
+
+def test_official_layout_mismatch_names_the_keys(official_run, tmp_path) -> None:
+    run_dir, source = official_run
+    state = torch.load(next((run_dir / "checkpoints").glob("*.pt")), weights_only=True)
+    state["model"]["projector"]["projector.9.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad"
+    (bad / "checkpoints").mkdir(parents=True)
+    torch.save(state, bad / "checkpoints" / "x.pt")
+    with pytest.raises(KeyError, match=r"projector: missing \[\], unexpected \['projector\.9\.weight'\]"):
+        load_official_weights(instantiate(_cfg().model), str(bad))
+    with pytest.raises(FileNotFoundError, match="no \\*.pt"):
+        load_official_weights(source, str(tmp_path))
+
+
+def test_lora_checkpoint_holds_only_trained_weights_and_merges(official_run, tmp_path) -> None:
+    run_dir, _ = official_run
+    cfg = _cfg("finetune=lora", f"model.pretrained={run_dir}", "finetune.lora.r=4")
+    model = instantiate(cfg.model)
+    counts = apply_finetune_mode(model, "lora", OmegaConf.to_container(cfg.finetune.lora))
+    assert 0 < counts["trainable"] < counts["total"]
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"llm_backbone", "projector", "action_model"}
+    with torch.no_grad():  # stand-in for training: adapters that change the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.set_statistics(_stats())
+    saved_cfg = OmegaConf.create(
+        {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "finetune": OmegaConf.to_container(cfg.finetune),
+            "unnorm_key": None,
+        }
+    )
+    ckpt = save_checkpoint(tmp_path / "lora", model, saved_cfg, _stats(), step=1, trainable_only=True)
+    stored = load_file(str(ckpt / "model.safetensors"))
+    assert not any(k.startswith("vision_backbone") for k in stored)
+    assert any("lora_A" in k for k in stored) and not any("base_layer" in k for k in stored)
+    assert sum(v.numel() for v in stored.values()) == counts["trainable"]
+
+    batch = _batch(model)
+    expected = _sample(model, batch)
+    torch.testing.assert_close(_sample(load_policy(ckpt), batch), expected)
+    merged_dir = merge_checkpoint(ckpt, tmp_path / "merged")
+    merged = load_policy(merged_dir)
+    assert not any("lora" in k for k in merged.state_dict())
+    torch.testing.assert_close(_sample(merged, batch), expected, atol=1e-4, rtol=1e-4)
