@@ -93,8 +93,8 @@ class LoaderConfig:
     extra: dict = field(default_factory=dict)
 
 
-def open_builder(source: RLDSSource) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of a source, with its configured keys checked against the dataset's features."""
+def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of a source, with its configured keys (and action size) checked against its features."""
     path = source.path
     try:
         builder = tfds.builder_from_directory(str(path))
@@ -106,6 +106,12 @@ def open_builder(source: RLDSSource) -> tfds.core.DatasetBuilder:
         key = getattr(source, field_name)
         if key is not None and key not in available:
             raise KeyError(f"{source.name}: {field_name}={key!r} is not a step feature of {path}; it has {available}")
+    action_shape = _feature(step_features, source.action_key).shape
+    if action_dim is not None and tuple(action_shape) != (action_dim,):
+        raise ValueError(
+            f"{source.name}: {source.action_key} has shape {tuple(action_shape)} in {path}, "
+            f"but the robot config says action_dim={action_dim}"
+        )
     if builder.info.splits.total_num_examples == 0:
         raise ValueError(f"{path}: the dataset holds no episodes")
     return builder
@@ -119,6 +125,32 @@ def _flatten_keys(features, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{name}")
     return keys
+
+
+def _feature(features, key: str):  # noqa: ANN001, ANN202 (tfds feature types)
+    for part in key.split("/"):
+        features = features[part]
+    return features
+
+
+def find_corrupt_shards(path: Path) -> list[str]:
+    """Names of the tfrecord files under path that cannot be read to the end."""
+    corrupt = []
+    for file in sorted(path.glob("*tfrecord*")):
+        try:
+            for _ in tf.data.TFRecordDataset(str(file)):
+                pass
+        except tf.errors.DataLossError:
+            corrupt.append(file.name)
+    return corrupt
+
+
+def _raise_data_loss(sources: list[RLDSSource], error: Exception) -> None:
+    for source in sources:
+        corrupt = find_corrupt_shards(source.path)
+        if corrupt:
+            raise OSError(f"{source.path}: truncated or corrupt tfrecord file(s) {corrupt}; rebuild them") from error
+    raise error
 
 
 def _get(steps: dict, key: str) -> tf.Tensor:
@@ -177,7 +209,7 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
         cache_file = Path(cache_dir).expanduser() / f"{source.name}-{dataset_fingerprint(source)}.json"
         if cache_file.is_file():
             return json.loads(cache_file.read_text())
-    builder = open_builder(source)
+    builder = open_builder(source, action_dim)
     episodes = _episodes(builder, "train", shuffle=False, seed=0)
 
     def select(episode: dict) -> dict:
@@ -189,12 +221,15 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
 
     actions, states = [], []
     total = builder.info.splits["train"].num_examples
-    for episode in tqdm(episodes.map(select).as_numpy_iterator(), total=total, desc=f"statistics {source.name}"):
-        if not np.isfinite(episode["action"]).all():
-            raise ValueError(f"{source.path}: an episode holds NaN or inf actions (episode {len(actions)})")
-        actions.append(episode["action"])
-        if "state" in episode:
-            states.append(episode["state"])
+    try:
+        for episode in tqdm(episodes.map(select).as_numpy_iterator(), total=total, desc=f"statistics {source.name}"):
+            if not np.isfinite(episode["action"]).all():
+                raise ValueError(f"{source.path}: an episode holds NaN or inf actions (episode {len(actions)})")
+            actions.append(episode["action"])
+            if "state" in episode:
+                states.append(episode["state"])
+    except tf.errors.DataLossError as e:
+        _raise_data_loss([source], e)
     if not actions:
         raise ValueError(f"{source.path}: the dataset holds no episodes")
     entry = {"action": {**summarize(np.concatenate(actions)), "mask": action_mask(source, action_dim)}}
@@ -308,7 +343,7 @@ def make_frame_dataset(
     parallel = cfg.num_parallel_calls if cfg.num_parallel_calls > 0 else tf.data.AUTOTUNE
     per_source = []
     for index, source in enumerate(sources):
-        builder = open_builder(source)
+        builder = open_builder(source, cfg.action_dim)
         split_for_rank = tfds.even_splits(tfds_split, n=world_size, drop_remainder=False)[rank]
         episodes = _episodes(builder, split_for_rank, shuffle=train, seed=cfg.seed + index)
         to_frames = _frames(source, statistics[source.key], cfg, index)
@@ -340,9 +375,17 @@ def make_frame_dataset(
     return frames.batch(cfg.batch_size, drop_remainder=train).prefetch(2).with_options(options)
 
 
-def iterate_torch(dataset: tf.data.Dataset) -> Iterator[dict]:
-    """Numpy batches from tf.data as torch tensors (images stay uint8; prompts become str)."""
-    for batch in dataset.as_numpy_iterator():
+def iterate_torch(dataset: tf.data.Dataset, sources: list[RLDSSource] | None = None) -> Iterator[dict]:
+    """Numpy batches from tf.data as torch tensors (images stay uint8; prompts become str). With `sources`, a
+    truncated tfrecord is reported by file name."""
+    iterator = dataset.as_numpy_iterator()
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.DataLossError as e:
+            _raise_data_loss(sources or [], e)
         out = {key: torch.from_numpy(np.array(value)) for key, value in batch.items() if key != "prompt"}
         out["prompt"] = [p.decode("utf-8") for p in batch["prompt"]]
         yield out

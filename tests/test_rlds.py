@@ -113,3 +113,34 @@ def test_builder_refuses_nan_and_wrong_shapes(tmp_path) -> None:
     assert not (tmp_path / "broken").exists()
     with pytest.raises(ValueError, match=r"expected \[T, 7\]"):
         write_rlds([{**good, "action": np.zeros((3, 6))}], tmp_path, "broken", schema)
+
+
+def test_action_size_mismatch_and_truncated_shards_are_named(tmp_path) -> None:
+    from datasets.sample import build_sample_dataset
+
+    path = build_sample_dataset(tmp_path, num_episodes=6, steps=5, image_size=16, num_shards=2)
+    source = RLDSSource(name="sample", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"action has shape \(7,\).*action_dim=6"):
+        compute_statistics(source, 6)
+    shard = sorted(path.glob("*.tfrecord-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(OSError, match=shard.name):
+        compute_statistics(source, 7)
+
+
+def test_each_rank_reads_its_own_episodes(sample_rlds) -> None:
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = {"sample": compute_statistics(source, 7, None)}
+    cfg = LoaderConfig(image_size=16, window=2, batch_size=4, val_fraction=0.0, augment=False)
+
+    def episodes_of(rank: int) -> set[str]:
+        builder = open_builder(source)
+        from datasets.rlds import _episodes
+
+        split = tfds.even_splits("train", n=2, drop_remainder=False)[rank]
+        return {e["episode_metadata"]["file_path"] for e in _episodes(builder, split, False, 0).as_numpy_iterator()}
+
+    first, second = episodes_of(0), episodes_of(1)
+    assert first and second and not first & second and len(first | second) == 10
+    batch = next(iterate_torch(make_frame_dataset([source], stats, cfg, "train", rank=1, world_size=2)))
+    assert batch["action"].shape == (4, 2, 7)

@@ -135,7 +135,8 @@ def train(cfg: DictConfig) -> dict:
     train_data = iterate_torch(
         make_frame_dataset(
             sources, statistics, loader_cfg, "train", accelerator.process_index, accelerator.num_processes
-        )
+        ),
+        sources,
     )
     val_data = make_frame_dataset(sources, statistics, loader_cfg, "val") if loader_cfg.val_fraction > 0 else None
 
