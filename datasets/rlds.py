@@ -275,6 +275,7 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
             "action": chunks,
             "action_pad_mask": pad_mask,
             "dataset_index": tf.fill([length], index),
+            "frame_index": tf.range(length),
         }
         if cfg.use_wrist_image and source.wrist_image_key:
             frame["wrist_image"] = _get(steps, source.wrist_image_key)
@@ -291,34 +292,36 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
 def _decode(cfg: LoaderConfig, train: bool):
     size = cfg.image_size
 
-    def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    def decode_image(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_jpeg(encoded, channels=3)
         image = tf.image.convert_image_dtype(image, tf.float32)
         if train and cfg.augment:
-            image = _augment(image)
+            image = _augment(image, seed)
         image = tf.image.resize(image, [size, size], method="bilinear")
         return tf.cast(tf.clip_by_value(image, 0, 1) * 255 + 0.5, tf.uint8)
 
-    def decode(frame: dict) -> dict:
+    def decode(frame: dict, seed: tf.Tensor) -> dict:
         frame = dict(frame)
-        frame["image"] = decode_image(frame["image"])
+        frame["image"] = decode_image(frame["image"], seed)
         if "wrist_image" in frame:
-            frame["wrist_image"] = decode_image(frame["wrist_image"])
+            frame["wrist_image"] = decode_image(frame["wrist_image"], seed[::-1])
         return frame
 
     return decode
 
 
-def _augment(image: tf.Tensor) -> tf.Tensor:
+def _augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """OpenVLA's recipe: random resized crop (area 0.9, square), brightness 0.2, contrast and saturation 0.8-1.2,
-    hue 0.05. image: float [H, W, 3] in [0, 1]."""
+    hue 0.05. image: float [H, W, 3] in [0, 1]; seed: int64 [2]. Stateless ops: the same frame seed gives the same
+    augmentation whatever thread runs it, so a resumed run sees exactly the images an uninterrupted one would."""
     shape = tf.shape(image)
     side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * 0.9**0.5, tf.int32)
-    image = tf.image.random_crop(image, [side, side, 3])
-    image = tf.image.random_brightness(image, 0.2)
-    image = tf.image.random_contrast(image, 0.8, 1.2)
-    image = tf.image.random_saturation(image, 0.8, 1.2)
-    image = tf.image.random_hue(image, 0.05)
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    image = tf.image.stateless_random_crop(image, [side, side, 3], seed=seeds[0])
+    image = tf.image.stateless_random_brightness(image, 0.2, seed=seeds[1])
+    image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=seeds[2])
+    image = tf.image.stateless_random_saturation(image, 0.8, 1.2, seed=seeds[3])
+    image = tf.image.stateless_random_hue(image, 0.05, seed=seeds[4])
     return tf.clip_by_value(image, 0, 1)
 
 
@@ -329,11 +332,13 @@ def make_frame_dataset(
     split: str = "train",
     rank: int = 0,
     world_size: int = 1,
+    skip_frames: int = 0,
 ) -> tf.data.Dataset:
     """Batched frames. split "train" repeats forever (shuffled, augmented); "val" is one ordered pass.
 
     The held-out episodes are the last `val_fraction` of each dataset's train split (deterministic). Under a
-    multi-process launch each rank reads its own slice of episodes.
+    multi-process launch each rank reads its own slice of episodes. The pipeline is deterministic given the seed, so
+    `skip_frames` (frames already consumed, skipped while still encoded) resumes exactly where a run stopped.
     """
     train = split == "train"
     percent = round(100 * (1 - cfg.val_fraction))
@@ -349,9 +354,7 @@ def make_frame_dataset(
         to_frames = _frames(source, statistics[source.key], cfg, index)
         if train:
             episodes = episodes.repeat().shuffle(cfg.episode_shuffle_buffer, seed=cfg.seed + index)
-            frames = episodes.interleave(
-                to_frames, cycle_length=cfg.interleave_episodes, num_parallel_calls=parallel, deterministic=False
-            )
+            frames = episodes.interleave(to_frames, cycle_length=cfg.interleave_episodes, num_parallel_calls=parallel)
         else:
             frames = episodes.flat_map(to_frames)
         per_source.append(frames)
@@ -369,9 +372,11 @@ def make_frame_dataset(
         frames = per_source[0]
         for more in per_source[1:]:
             frames = frames.concatenate(more)
-    frames = frames.map(_decode(cfg, train), num_parallel_calls=parallel, deterministic=not train)
+    seeds = tf.data.Dataset.random(seed=cfg.seed + 7919 * rank).batch(2)  # one augmentation seed per frame
+    frames = tf.data.Dataset.zip(frames, seeds).skip(skip_frames)
+    frames = frames.map(_decode(cfg, train), num_parallel_calls=parallel)
     options = tf.data.Options()
-    options.deterministic = not train
+    options.deterministic = True
     return frames.batch(cfg.batch_size, drop_remainder=train).prefetch(2).with_options(options)
 
 

@@ -144,3 +144,20 @@ def test_each_rank_reads_its_own_episodes(sample_rlds) -> None:
     assert first and second and not first & second and len(first | second) == 10
     batch = next(iterate_torch(make_frame_dataset([source], stats, cfg, "train", rank=1, world_size=2)))
     assert batch["action"].shape == (4, 2, 7)
+
+
+def test_train_pipeline_is_deterministic_and_skips_exactly(sample_rlds) -> None:
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = {"sample": compute_statistics(source, 7, None)}
+    cfg = LoaderConfig(image_size=24, window=4, batch_size=8, frame_shuffle_buffer=50, interleave_episodes=3)
+
+    def batches(skip: int = 0, count: int = 4) -> list[dict]:
+        iterator = iterate_torch(make_frame_dataset([source], stats, cfg, skip_frames=skip))
+        return [next(iterator) for _ in range(count)]
+
+    first, again, resumed = batches(), batches(), batches(skip=2 * 8, count=2)
+    for a, b in zip(first, again, strict=True):
+        assert a["prompt"] == b["prompt"] and (a["image"] == b["image"]).all() and (a["action"] == b["action"]).all()
+    for a, b in zip(first[2:], resumed, strict=True):
+        assert (a["image"] == b["image"]).all() and (a["action"] == b["action"]).all()
+    assert not (first[0]["image"] == first[1]["image"]).all()
