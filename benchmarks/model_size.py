@@ -1,6 +1,6 @@
 """Parameter counts of the full-size CogACT per finetuning mode, built on the meta device (no weights, no download).
 
-    .venv/bin/python -m benchmarks.model_size [--action-head DiT-S|DiT-B|DiT-L]
+.venv/bin/python -m benchmarks.model_size [--action-head DiT-S|DiT-B|DiT-L]
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build_meta_model(action_head: str) -> torch.nn.Module:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["model=cogact", "model.pretrained=null", f"model.action_model.size={action_head}"])
+        cfg = compose(
+            "train", overrides=["model=cogact", "model.pretrained=null", f"model.action_model.size={action_head}"]
+        )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg["llm_backbone"]["tokenizer"] = "tiny"  # Llama-2's is gated; the 32064-row embedding is kept as configured
     with torch.device("meta"):

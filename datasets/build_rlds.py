@@ -82,7 +82,7 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
             "`python -m mani_skill.trajectory.replay_trajectory -o rgb -c pd_ee_delta_pose --save-traj`"
         )
     if instruction is None:
-        from sim.tasks import default_prompt
+        from sim.maniskill import default_prompt
 
         instruction = default_prompt(env_info.get("env_id", ""))
     with h5py.File(traj_path, "r") as f:

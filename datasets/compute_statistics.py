@@ -1,6 +1,6 @@
 """Compute dataset_statistics.json (and openpi's norm_stats.json) for a dataset config, without training.
 
-    python -m datasets.compute_statistics dataset=libero_spatial out_dir=stats/libero_spatial
+python -m datasets.compute_statistics dataset=libero_spatial out_dir=stats/libero_spatial
 """
 
 from __future__ import annotations

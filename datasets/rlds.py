@@ -127,7 +127,7 @@ def _flatten_keys(features, prefix: str = "") -> list[str]:
     return keys
 
 
-def _feature(features, key: str):  # noqa: ANN001, ANN202 (tfds feature types)
+def _feature(features, key: str):
     for part in key.split("/"):
         features = features[part]
     return features

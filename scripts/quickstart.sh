@@ -16,7 +16,7 @@ echo "== serve $CKPT on port $PORT"
 $PY serve.py ckpt="$CKPT" host=127.0.0.1 port="$PORT" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-$PY -m serving.wait "http://127.0.0.1:$PORT/healthz" --timeout 120
+$PY -c "from serving import wait_for_server; wait_for_server('127.0.0.1', $PORT, timeout=180)"
 
 echo "== evaluate one ManiSkill3 episode through the server"
 $PY eval_maniskill.py ckpt="$CKPT" server="127.0.0.1:$PORT" env_id=PushCube-v1 num_episodes=1 \

@@ -67,7 +67,7 @@ def test_official_layout_mismatch_names_the_keys(official_run, tmp_path) -> None
     torch.save(state, bad / "checkpoints" / "x.pt")
     with pytest.raises(KeyError, match=r"projector: missing \[\], unexpected \['projector\.9\.weight'\]"):
         load_official_weights(instantiate(_cfg().model), str(bad))
-    with pytest.raises(FileNotFoundError, match="no \\*.pt"):
+    with pytest.raises(FileNotFoundError, match=r"no \*\.pt"):
         load_official_weights(source, str(tmp_path))
 
 

@@ -13,7 +13,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _run_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLA_DATA_DIR": str(tmp_path / "data"), "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "VLA_DATA_DIR": str(tmp_path.parent / "data"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "WANDB_MODE": "disabled",
+    }
     return subprocess.run(
         [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"],
         cwd=REPO,
@@ -37,7 +42,7 @@ def test_smoke_run_writes_a_self_describing_checkpoint(tmp_path: Path) -> None:
     stats = json.loads((ckpt / "dataset_statistics.json").read_text())
     assert set(stats["sample"]) >= {"action", "proprio", "num_transitions", "num_trajectories"}
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 6
-    assert (tmp_path / "data" / "rlds" / "sample" / "1.0.0" / "dataset_info.json").is_file()
+    assert (tmp_path.parent / "data" / "rlds" / "sample" / "1.0.0" / "dataset_info.json").is_file()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any("val/loss" in json.loads(line) for line in lines)
 
@@ -52,3 +57,33 @@ def test_multirun_runs_one_job_per_value(tmp_path: Path) -> None:
     assert len(checkpoints) == 2 and len(set(checkpoints)) == 2
     lrs = sorted(OmegaConf.load(Path(c, "config.yaml")).optimizer.lr for c in checkpoints)
     assert lrs == [1e-4, 3e-4]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["train/loss"] for m in lines if "val/loss" not in m}
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    common = ["debug=smoke", "scheduler=constant", "log_every=1", "save_every=3", "val_every=3", "loader.augment=true"]
+    full = _run_train(tmp_path / "full", *common, "max_steps=6")
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = _run_train(tmp_path / "part", *common, "max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _run_train(tmp_path / "part", *common, "max_steps=6", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 3" in resumed.stdout
+    uninterrupted, continued = _losses(tmp_path / "full" / "run"), _losses(tmp_path / "part" / "run")
+    assert sorted(continued) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert continued[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
+    index = json.loads((tmp_path / "part" / "run" / "checkpoints" / "index.json").read_text())
+    assert sorted(index["checkpoints"]) == ["step_000003", "step_000006"]
+
+
+@pytest.mark.slow
+def test_resume_without_state_fails_before_training(tmp_path: Path) -> None:
+    result = _run_train(tmp_path, "debug=smoke", "resume=true")
+    assert result.returncode != 0
+    assert "holds no training state" in result.stderr

@@ -1,14 +1,15 @@
-"""One accelerate training loop: data -> policy.compute_loss -> optimizer, with validation, logging and checkpoints."""
+"""One accelerate training loop: data -> policy.compute_loss -> optimizer, with validation, logging, checkpoints and
+exact resume. CPU, one GPU, DDP, FSDP and DeepSpeed all come from `accelerate launch` (see launch/)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -16,11 +17,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from datasets.rlds import LoaderConfig, compute_all_statistics, iterate_torch, make_frame_dataset, sources_from_config
+from datasets.rlds import (
+    LoaderConfig,
+    compute_all_statistics,
+    iterate_torch,
+    make_frame_dataset,
+    open_builder,
+    sources_from_config,
+)
 from datasets.statistics import STATISTICS_FILE, write_json_atomic
 from models.checkpoint import save_checkpoint
 from models.finetune import apply_finetune_mode
 from models.policy import Policy
+from training.checkpoints import load_training_state, prune_checkpoints, save_training_state
+from training.validation import validate
 
 
 def check_import_hygiene() -> None:
@@ -39,12 +49,12 @@ def check_import_hygiene() -> None:
     )
 
 
-class JsonlLogger:
-    """metrics.jsonl in the run dir, plus wandb when configured."""
+class MetricsLogger:
+    """metrics.jsonl in the run dir, plus wandb when configured (main process only)."""
 
     def __init__(self, path: Path, cfg: DictConfig, enabled: bool) -> None:
         self.path, self.enabled, self.wandb = path, enabled, None
-        wandb_cfg = cfg.logger.get("wandb") if cfg.get("logger") else None
+        wandb_cfg = (cfg.get("logger") or {}).get("wandb")
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 
@@ -81,128 +91,110 @@ def _loader_config(cfg: DictConfig, model: Policy) -> LoaderConfig:
     )
 
 
-@torch.no_grad()
-def validate(model: Policy, dataset, statistics: dict, max_batches: int) -> dict[str, float]:
-    """Diffusion loss on held-out episodes, plus L1 / gripper accuracy of sampled (normalized) chunks."""
-    model.eval()
-    losses, l1, gripper = [], [], []
-    for i, batch in enumerate(iterate_torch(dataset)):
-        if i >= max_batches:
-            break
-        loss, _ = model.compute_loss(batch)
-        losses.append(loss.item())
-        predicted = model.predict_normalized(batch["image"], batch["prompt"]).float().cpu().clamp(-1, 1)
-        true = batch["action"].float()
-        l1.append((predicted - true).abs().mean().item())
-        gripper.append(((predicted[..., -1] >= 0.5) == (true[..., -1] >= 0.5)).float().mean().item())
-    model.train()
-    if not losses:
-        return {}
-    return {
-        "val/loss": float(np.mean(losses)),
-        "val/action_l1": float(np.mean(l1)),
-        "val/gripper_acc": float(np.mean(gripper)),
-    }
+def _accelerator(cfg: DictConfig) -> Accelerator:
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps)
 
 
 def train(cfg: DictConfig) -> dict:
     """Runs the configured finetune; returns {"checkpoint": dir, "metric": best val loss, else the last train loss}."""
     check_import_hygiene()
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(
-        cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps
-    )
+    accelerator = _accelerator(cfg)
     set_seed(cfg.seed, device_specific=True)
     run_dir = Path(cfg.paths.output_dir)
 
-    sources = sources_from_config(cfg.dataset)
+    # Fail fast, before any long step: data layout and sizes, then the model (base weights, HF_TOKEN), then statistics.
+    with accelerator.main_process_first():
+        sources = sources_from_config(cfg.dataset)
+    for source in sources:
+        open_builder(source, cfg.robot.action_dim)
+    model: Policy = instantiate(cfg.model)
+    if model.action_dim != cfg.robot.action_dim:
+        raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
     with accelerator.main_process_first():
         statistics = compute_all_statistics(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
-
-    model: Policy = instantiate(cfg.model)
-    if model.action_dim != cfg.robot.action_dim:
-        raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
-    counts = apply_finetune_mode(model, cfg.finetune.mode, OmegaConf.to_container(cfg.finetune.get("lora") or {}))
+    lora = cfg.finetune.get("lora")
+    counts = apply_finetune_mode(model, cfg.finetune.mode, OmegaConf.to_container(lora) if lora is not None else None)
     unnorm_key = cfg.unnorm_key or sources[0].key
     model.set_statistics(statistics, unnorm_key)
     accelerator.print(
         f"model: {type(model).__name__} {counts['total'] / 1e6:.2f}M params, {counts['trainable'] / 1e6:.2f}M trainable"
     )
 
-    loader_cfg = _loader_config(cfg, model)
-    train_data = iterate_torch(
-        make_frame_dataset(
-            sources, statistics, loader_cfg, "train", accelerator.process_index, accelerator.num_processes
-        ),
-        sources,
-    )
-    val_data = make_frame_dataset(sources, statistics, loader_cfg, "val") if loader_cfg.val_fraction > 0 else None
-
     optimizer = instantiate(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
+    # Not prepared by accelerate (which would step it once per process): stepped once per optimizer step.
     scheduler = instantiate(cfg.scheduler)(optimizer)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     policy: Policy = accelerator.unwrap_model(model)
 
-    logger = JsonlLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
+    step, micro_batches, best = 0, 0, math.inf
+    if cfg.resume:
+        trainer_state = load_training_state(accelerator, run_dir)
+        step, micro_batches, best = trainer_state["step"], trainer_state["micro_batches"], trainer_state["best"]
+        accelerator.print(f"resumed at step {step} from {run_dir / 'state'}")
+
+    loader_cfg = _loader_config(cfg, model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_frames = make_frame_dataset(
+        sources, statistics, loader_cfg, "train", rank, world, micro_batches * cfg.batch_size
+    )
+    train_data = iterate_torch(train_frames, sources)
+    val_data = make_frame_dataset(sources, statistics, loader_cfg, "val") if loader_cfg.val_fraction > 0 else None
+    keys = [s.key for s in sources]
+
+    logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
     final_cfg = OmegaConf.merge(cfg, {"unnorm_key": unnorm_key})
-    step, best, last_loss, checkpoint = 0, math.inf, math.nan, None
-    progress = tqdm(total=cfg.max_steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    trainable_only = cfg.finetune.mode == "lora" and bool(cfg.model.get("pretrained"))
+    checkpoint, last_loss = None, math.nan
+    progress = tqdm(
+        total=cfg.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
     started, frames = time.perf_counter(), 0
     model.train()
     while step < cfg.max_steps:
         batch = next(train_data)
+        micro_batches += 1
         with accelerator.accumulate(model):
             loss, _ = model(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}; stopping (last good checkpoint: {checkpoint})"
+                    f"loss is {loss.item()} at step {step}; stopped. Last good checkpoint: {checkpoint}"
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        frames += len(batch["prompt"]) * accelerator.num_processes
+        frames += len(batch["prompt"]) * world
         if not accelerator.sync_gradients:
             continue
+        scheduler.step()
         step += 1
         policy.on_optimizer_step()
         last_loss = accelerator.gather(loss.detach()).mean().item()
+        throughput = frames / (time.perf_counter() - started)
+        lr = scheduler.get_last_lr()[0]
         progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - started
-            logger.log(
-                step,
-                {
-                    "train/loss": last_loss,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/frames_per_s": frames / elapsed,
-                },
-            )
-        metrics = {"train/loss": last_loss}
-        if (
-            val_data is not None
-            and (step % cfg.val_every == 0 or step == cfg.max_steps)
-            and accelerator.is_main_process
-        ):
-            metrics.update(validate(policy, val_data, statistics, cfg.val_batches))
+        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", fps=f"{throughput:.0f}")
+        metrics = {"train/loss": last_loss, "train/lr": lr, "train/frames_per_s": throughput}
+        if step % cfg.log_every == 0:
+            logger.log(step, metrics)
+        at_end = step == cfg.max_steps
+        if val_data is not None and (step % cfg.val_every == 0 or at_end) and accelerator.is_main_process:
+            plot = run_dir / "validation" / f"step_{step:06d}.png"
+            metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
             logger.log(step, metrics)
             best = min(best, metrics.get("val/loss", best))
-        if (step % cfg.save_every == 0 or step == cfg.max_steps) and accelerator.is_main_process:
-            checkpoint = save_checkpoint(
-                run_dir / "checkpoints" / f"step_{step:06d}",
-                policy,
-                final_cfg,
-                statistics,
-                step,
-                metrics,
-                trainable_only=cfg.finetune.mode == "lora" and bool(cfg.model.get("pretrained")),
-            )
-        accelerator.wait_for_everyone()
+        if step % cfg.save_every == 0 or at_end:
+            if accelerator.is_main_process:
+                ckpt_dir = run_dir / "checkpoints" / f"step_{step:06d}"
+                checkpoint = save_checkpoint(ckpt_dir, policy, final_cfg, statistics, step, metrics, trainable_only)
+                prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, cfg.checkpoint.metric)
+            state = {"step": step, "micro_batches": micro_batches, "best": best, "checkpoint": str(checkpoint)}
+            save_training_state(accelerator, run_dir, state)
     progress.close()
     logger.close()
     return {"checkpoint": str(checkpoint), "metric": best if math.isfinite(best) else last_loss}

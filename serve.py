@@ -1,0 +1,36 @@
+"""Serve a checkpoint over the openpi WebSocket protocol: `python serve.py ckpt=<dir> host=0.0.0.0 port=8000`."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    if not cfg.ckpt:
+        raise SystemExit("serve.py: ckpt is required: python serve.py ckpt=<checkpoint dir>")
+    from models import load_config, load_policy
+    from serving import PolicyServer, run_server
+
+    try:
+        ckpt_cfg = load_config(cfg.ckpt)
+    except FileNotFoundError as error:
+        raise SystemExit(f"serve.py: ckpt: {error}") from None
+    robot = cfg.get("robot") or ckpt_cfg.get("robot")
+    if robot is None:
+        raise SystemExit(f"serve.py: {cfg.ckpt}/config.yaml has no robot config; pass robot=<name>")
+
+    policy = load_policy(cfg.ckpt, device=cfg.device, unnorm_key=cfg.unnorm_key)
+    server = PolicyServer(
+        policy, robot.observation_keys, unnorm_key=cfg.unnorm_key or ckpt_cfg.get("unnorm_key"), api_key=cfg.api_key
+    )
+
+    def on_ready(port: int) -> None:
+        print(f"serving {server.metadata['model']} on ws://{cfg.host}:{port}", flush=True)
+
+    run_server(server, cfg.host, cfg.port, on_ready)
+
+
+if __name__ == "__main__":
+    main()

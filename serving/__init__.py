@@ -1,0 +1,15 @@
+"""The openpi WebSocket policy server (`serving.server`) and the client-message adapter (`serving.observation`)."""
+
+from serving.observation import ObservationError, adapt_observation, expected_form, letterbox
+from serving.server import PolicyServer, ServerThread, run_server, wait_for_server
+
+__all__ = [
+    "ObservationError",
+    "PolicyServer",
+    "ServerThread",
+    "adapt_observation",
+    "expected_form",
+    "letterbox",
+    "run_server",
+    "wait_for_server",
+]

@@ -1,0 +1,108 @@
+"""Client message -> canonical `Observation`: key mapping (robot.observation_keys), validation, letterboxing.
+
+A robot config maps each canonical name (image, wrist_image, state, prompt) to the key its clients send, or to null
+when they do not send it. `image` and `prompt` are required; `wrist_image` and `state` are read when present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import cv2
+import numpy as np
+
+from models.policy import Observation
+
+REQUIRED = ("image", "prompt")
+OPTIONAL = ("wrist_image", "state")
+_FORMS = {
+    "image": "uint8 [H, W, 3] (or float in [0, 1])",
+    "wrist_image": "uint8 [H, W, 3] (or float in [0, 1])",
+    "state": "float [S]",
+    "prompt": "str",
+}
+
+
+class ObservationError(ValueError):
+    """The client's message does not have the expected form; the text is meant for the client."""
+
+
+def expected_form(observation_keys: Mapping[str, str | None]) -> str:
+    """The message a client must send, e.g. '{"image": uint8 [H, W, 3] (or float in [0, 1]), "prompt": str}'."""
+
+    def fields(names: tuple[str, ...]) -> str:
+        return ", ".join(f'"{observation_keys[n]}": {_FORMS[n]}' for n in names if observation_keys.get(n))
+
+    optional = fields(OPTIONAL)
+    return "{" + fields(REQUIRED) + "}" + (f" (optional: {optional})" if optional else "")
+
+
+def letterbox(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: resized keeping the aspect ratio, centered, padded with black."""
+    height, width = image.shape[:2]
+    if (height, width) == (size, size):
+        return np.array(image)  # a copy: arrays decoded from msgpack are read-only
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(np.ascontiguousarray(image), (new_w, new_h), interpolation=interpolation)
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
+    return out
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} {list(value.shape)}"
+    return type(value).__name__
+
+
+def _image(value: object, field: str, size: int) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.ndim != 3 or value.shape[2] != 3 or 0 in value.shape:
+        raise ObservationError(f'"{field}" must be an image {_FORMS["image"]}, got {_describe(value)}')
+    if value.dtype == np.uint8:
+        return letterbox(value, size)
+    if value.dtype.kind != "f":
+        raise ObservationError(f'"{field}" must be uint8 or float in [0, 1], got {value.dtype}')
+    if not np.isfinite(value).all():
+        raise ObservationError(f'"{field}" contains NaN or inf')
+    low, high = float(value.min()), float(value.max())
+    if low < 0 or high > 1:
+        raise ObservationError(f'"{field}" is float, so it must lie in [0, 1]; got values in [{low:g}, {high:g}]')
+    return letterbox(np.round(value * 255).astype(np.uint8), size)
+
+
+def _state(value: object, field: str) -> np.ndarray:
+    try:
+        state = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ObservationError(f'"{field}" must be {_FORMS["state"]}, got {_describe(value)}') from None
+    if state.ndim != 1:
+        raise ObservationError(f'"{field}" must be {_FORMS["state"]}, got shape {list(state.shape)}')
+    if not np.isfinite(state).all():
+        raise ObservationError(f'"{field}" contains NaN or inf')
+    return state
+
+
+def adapt_observation(message: Mapping, observation_keys: Mapping[str, str | None], image_size: int) -> Observation:
+    """Validate a decoded client message and build the canonical observation (images at image_size px square)."""
+    missing = [observation_keys[n] for n in REQUIRED if observation_keys.get(n) and observation_keys[n] not in message]
+    if missing:
+        raise ObservationError(f"missing {', '.join(repr(k) for k in missing)}")
+    prompt_key = observation_keys["prompt"]
+    prompt = message[prompt_key]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ObservationError(f'"{prompt_key}" must be a non-empty str, got {_describe(prompt)}')
+
+    def optional(name: str) -> object | None:
+        key = observation_keys.get(name)
+        return message.get(key) if key else None
+
+    wrist, state = optional("wrist_image"), optional("state")
+    return Observation(
+        image=_image(message[observation_keys["image"]], observation_keys["image"], image_size),
+        prompt=prompt,
+        wrist_image=None if wrist is None else _image(wrist, observation_keys["wrist_image"], image_size),
+        state=None if state is None else _state(state, observation_keys["state"]),
+    )

@@ -1,0 +1,249 @@
+"""A policy behind the openpi WebSocket protocol, with inference off the event loop.
+
+Protocol (what openpi-client 0.1.2 speaks):
+  1. On connect the server sends one binary msgpack-numpy frame: the metadata (policy.metadata() plus unnorm_key,
+     observation_keys, required_observation_keys, image_size, and accepts_reset: true).
+  2. Each binary msgpack-numpy observation gets a binary reply
+     {"actions": float32 [T, A], "status": "success", "server_timing": {"infer_ms", "prev_total_ms"}};
+     as in openpi, prev_total_ms (the previous request's receive-to-reply time) is absent from a connection's
+     first reply.
+  3. {"reset": true} calls policy.reset() and gets {"status": "reset"}.
+  4. A bad request (not msgpack, missing key, wrong shape, dtype, NaN) or a failed inference gets a TEXT frame that
+     names what was wrong and the expected form; unlike openpi the connection stays open and keeps serving.
+  5. GET /healthz on the same port answers 200 "OK"; with an api_key, WebSocket connections without
+     `Authorization: Api-Key <key>` are refused with 401 (/healthz stays open).
+
+Inference runs in one worker thread shared by all connections, so requests are served one at a time in arrival order
+while keepalive pings, /healthz and new connections are answered by the event loop. The policy is shared: a reset
+from one client resets it for all, so serve a stateful policy to one client at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import logging
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from openpi_client import msgpack_numpy
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from models.policy import Observation, Policy
+from serving.observation import REQUIRED, ObservationError, adapt_observation, expected_form
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = "/healthz"
+
+
+class RequestError(Exception):
+    """A request the server answers with a text frame; the connection stays open."""
+
+
+class PolicyServer:
+    """Serves `policy` to openpi clients; `observation_keys` is robot.observation_keys (canonical -> client key)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        observation_keys: Mapping[str, str | None],
+        unnorm_key: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        unmapped = [name for name in REQUIRED if not observation_keys.get(name)]
+        if unmapped:
+            raise ValueError(
+                f"robot.observation_keys must name the client key of {unmapped}; got {dict(observation_keys)}"
+            )
+        self.policy = policy
+        self.observation_keys = dict(observation_keys)
+        self.api_key = api_key
+        self.metadata = {
+            "unnorm_key": unnorm_key,
+            **policy.metadata(),
+            "observation_keys": {name: key for name, key in self.observation_keys.items() if key},
+            "required_observation_keys": [self.observation_keys[name] for name in REQUIRED],
+            "image_size": policy.image_size,
+            "accepts_reset": True,  # openpi servers do not know {"reset": true}; clients check this before sending it
+        }
+        self._expected = (
+            f'Expected a binary msgpack-numpy map {expected_form(self.observation_keys)}, or {{"reset": true}}.'
+        )
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def serve(
+        self, host: str, port: int, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
+    ) -> None:
+        """Listen on host:port (0: any free port) until `stop` is set; on_ready(bound_port) once accepting."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") as self._executor:
+            async with serve(
+                self._handle, host, port, compression=None, max_size=None, process_request=self._process_request
+            ) as server:
+                if on_ready is not None:
+                    on_ready(server.sockets[0].getsockname()[1])
+                await stop.wait()
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?")[0] == HEALTH_PATH:
+            return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if self.api_key is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Api-Key {self.api_key}".encode()):
+                return connection.respond(
+                    http.HTTPStatus.UNAUTHORIZED, "missing or wrong header; expected 'Authorization: Api-Key <key>'\n"
+                )
+        return None
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        logger.info("client %s connected", connection.remote_address)
+        prev_total_ms: float | None = None
+        try:
+            await connection.send(msgpack_numpy.packb(self.metadata))
+            async for message in connection:
+                start = time.monotonic()
+                try:
+                    reply = await self._reply(message, prev_total_ms)
+                except RequestError as error:
+                    await connection.send(str(error))
+                    continue
+                await connection.send(msgpack_numpy.packb(reply))
+                prev_total_ms = None if reply["status"] == "reset" else (time.monotonic() - start) * 1000
+        except ConnectionClosed:
+            pass
+        logger.info("client %s disconnected", connection.remote_address)
+
+    async def _reply(self, message: str | bytes, prev_total_ms: float | None) -> dict:
+        if isinstance(message, str):
+            raise self._bad_request("got a text frame")
+        try:
+            data = msgpack_numpy.unpackb(message)
+        except Exception as error:  # msgpack and numpy raise many types on malformed input
+            raise self._bad_request(f"not msgpack-numpy ({type(error).__name__}: {error})") from None
+        if not isinstance(data, dict):
+            raise self._bad_request(f"got a msgpack {type(data).__name__}, not a map")
+        if data.get("reset") is True:
+            await self._in_worker("reset", self.policy.reset)
+            return {"status": "reset"}
+        try:
+            observation = adapt_observation(data, self.observation_keys, self.policy.image_size)
+        except ObservationError as error:
+            raise self._bad_request(str(error)) from None
+        actions, infer_ms = await self._in_worker("inference", self._infer, observation)
+        timing = {"infer_ms": infer_ms}
+        if prev_total_ms is not None:
+            timing["prev_total_ms"] = prev_total_ms
+        return {"actions": actions, "status": "success", "server_timing": timing}
+
+    def _bad_request(self, what: str) -> RequestError:
+        return RequestError(f"bad request: {what}. {self._expected}")
+
+    async def _in_worker(self, what: str, fn: Callable, *args: object) -> object:
+        """fn(*args) in the policy thread; its errors become RequestError (traceback logged, not sent)."""
+        assert self._executor is not None, "the server is not running"
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RequestError:
+            raise
+        except Exception as error:
+            logger.exception("%s failed", what)
+            raise RequestError(f"{what} failed: {type(error).__name__}: {error}.") from None
+
+    def _infer(self, observation: Observation) -> tuple[np.ndarray, float]:
+        start = time.monotonic()
+        chunks = np.asarray(self.policy.predict_action_batch([observation]))
+        infer_ms = (time.monotonic() - start) * 1000
+        if chunks.ndim != 3 or chunks.shape[0] != 1:
+            raise RequestError(f"inference failed: the policy returned shape {list(chunks.shape)}, not [1, T, A].")
+        if not np.isfinite(chunks).all():
+            raise RequestError("inference failed: the policy returned NaN or inf actions.")
+        return chunks[0].astype(np.float32), infer_ms
+
+
+def run_server(server: PolicyServer, host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
+    """Serve in the calling (main) thread until SIGINT or SIGTERM, then close connections and return."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await server.serve(host, port, stop, on_ready)
+
+    asyncio.run(main())
+
+
+class ServerThread:
+    """Runs a PolicyServer on its own event loop in a daemon thread (evaluation and tests).
+
+    `with ServerThread(server) as running:` starts it, bound to `running.port` (a free one when port=0), and stops it.
+    Use a literal IP as host: with port 0 a name such as "localhost" may bind IPv4 and IPv6 to different ports.
+    """
+
+    def __init__(self, server: PolicyServer, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server, self.host, self.port = server, host, port
+        self._thread = threading.Thread(target=self._run, name="policy-server", daemon=True)
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await self.server.serve(self.host, self.port, self._stop, self._on_ready)
+
+        try:
+            asyncio.run(main())
+        except BaseException as error:  # reported to start(); a bind failure must not pass silently
+            self._error = error
+        finally:
+            self._started.set()
+
+    def _on_ready(self, port: int) -> None:
+        self.port = port
+        self._started.set()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise RuntimeError(f"the policy server failed to start on {self.host}:{self.port}") from self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Close every connection (waiting for an inference in flight) and join the thread."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_server(host: str, port: int, timeout: float = 60.0) -> None:
+    """Poll GET http://host:port/healthz until it answers 200; TimeoutError after `timeout` seconds."""
+    url = f"http://{host}:{port}{HEALTH_PATH}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no policy server answered {url} within {timeout:g} s")
+        time.sleep(0.1)  # polling interval between health checks

@@ -1,0 +1,277 @@
+"""The policy server against the real openpi client, with a fake policy."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets.sync.client
+from openpi_client import msgpack_numpy
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import InvalidStatus
+
+from models.policy import Observation, Policy
+from serving import ObservationError, PolicyServer, ServerThread, adapt_observation, letterbox, wait_for_server
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS = {"image": "image", "wrist_image": None, "state": None, "prompt": "prompt"}
+LIBERO_KEYS = {
+    "image": "observation/image",
+    "wrist_image": "observation/wrist_image",
+    "state": "observation/state",
+    "prompt": "prompt",
+}
+WAIT_S = 10.0  # generous bound for events that should happen within milliseconds
+
+
+class FakePolicy(Policy):
+    """Returns `action` (default [0, 1, ..., 6]) at every step of the chunk; blocks on `gate` when given; raises
+    for the prompt "explode"."""
+
+    def __init__(
+        self,
+        horizon: int = 4,
+        image_size: int = 32,
+        gate: threading.Event | None = None,
+        action: np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        self.action_dim, self.action_horizon, self.image_size = 7, horizon, image_size
+        self.gate = gate
+        self.action = np.arange(7, dtype=np.float32) if action is None else np.asarray(action, np.float32)
+        self.entered = threading.Event()
+        self.seen: list[Observation] = []
+        self.resets = 0
+
+    def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
+        self.seen.extend(observations)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        if observations[0].prompt == "explode":
+            raise ValueError("the fake policy exploded")
+        return np.tile(self.action, (len(observations), self.action_horizon, 1))
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def _observation(height: int = 48, width: int = 64, prompt: str = "push the cube") -> dict:
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return {"image": image, "prompt": prompt}
+
+
+def _healthz(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=WAIT_S) as response:
+        return response.status
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerThread]]:
+    servers: list[ServerThread] = []
+
+    def start(policy: Policy, **kwargs: object) -> ServerThread:
+        servers.append(ServerThread(PolicyServer(policy, KEYS, **kwargs)).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_metadata_and_action_reply(start_server: Callable[..., ServerThread]) -> None:
+    policy = FakePolicy()
+    server = start_server(policy, unnorm_key="fake_dataset")
+    client = WebsocketClientPolicy("127.0.0.1", server.port)
+
+    metadata = client.get_server_metadata()
+    assert metadata["model"] == "FakePolicy" and metadata["unnorm_key"] == "fake_dataset"
+    assert (metadata["action_dim"], metadata["action_horizon"], metadata["image_size"]) == (7, 4, 32)
+    assert metadata["observation_keys"] == {"image": "image", "prompt": "prompt"}
+    assert metadata["required_observation_keys"] == ["image", "prompt"]
+
+    first = client.infer(_observation())
+    assert first["status"] == "success"
+    assert first["actions"].dtype == np.float32 and first["actions"].shape == (4, 7)
+    np.testing.assert_array_equal(first["actions"][2], np.arange(7))
+    assert first["server_timing"]["infer_ms"] >= 0
+    assert "prev_total_ms" in client.infer(_observation())["server_timing"]
+    assert policy.seen[0].image.shape == (32, 32, 3) and policy.seen[0].prompt == "push the cube"
+
+
+def test_healthz_answers_200(start_server: Callable[..., ServerThread]) -> None:
+    assert _healthz(start_server(FakePolicy()).port) == 200
+
+
+def test_reset_message(start_server: Callable[..., ServerThread]) -> None:
+    policy = FakePolicy()
+    client = WebsocketClientPolicy("127.0.0.1", start_server(policy).port)
+    assert client.infer({"reset": True}) == {"status": "reset"}
+    assert policy.resets == 1
+
+
+BAD_OBSERVATIONS = {
+    "missing 'prompt'": lambda obs: {"image": obs["image"]},
+    "missing 'image'": lambda obs: {"prompt": obs["prompt"]},
+    '"image" must be an image': lambda obs: {**obs, "image": obs["image"][..., 0]},
+    "uint8 or float": lambda obs: {**obs, "image": obs["image"].astype(np.int64)},
+    "NaN": lambda obs: {**obs, "image": np.full((8, 8, 3), np.nan, np.float32)},
+    "must lie in [0, 1]": lambda obs: {**obs, "image": obs["image"].astype(np.float32)},
+    '"prompt" must be a non-empty str': lambda obs: {**obs, "prompt": 3},
+}
+
+
+def test_bad_input_gets_text_frame_and_connections_keep_serving(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(FakePolicy())
+    client = WebsocketClientPolicy("127.0.0.1", server.port)
+    for fragment, corrupt in BAD_OBSERVATIONS.items():
+        with pytest.raises(RuntimeError) as error:
+            client.infer(corrupt(_observation()))
+        assert fragment in str(error.value)
+        assert '{"image": uint8 [H, W, 3]' in str(error.value), "the error shows the expected form"
+    assert client.infer(_observation())["actions"].shape == (4, 7)
+    assert WebsocketClientPolicy("127.0.0.1", server.port).infer(_observation())["status"] == "success"
+
+
+def test_inference_error_is_reported_without_traceback(start_server: Callable[..., ServerThread]) -> None:
+    client = WebsocketClientPolicy("127.0.0.1", start_server(FakePolicy()).port)
+    with pytest.raises(RuntimeError, match="inference failed: ValueError: the fake policy exploded") as error:
+        client.infer(_observation(prompt="explode"))
+    assert "Traceback" not in str(error.value)
+    assert client.infer(_observation())["status"] == "success"
+
+
+def test_malformed_frames_get_text_frames(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(FakePolicy())
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{server.port}", compression=None, max_size=None) as ws:
+        assert isinstance(ws.recv(timeout=WAIT_S), bytes)
+        for frame, fragment in [
+            (b"\xc1", "not msgpack-numpy"),  # 0xc1 is never used by msgpack
+            ("hello", "text frame"),
+            (msgpack_numpy.packb([1, 2]), "not a map"),
+            (
+                msgpack_numpy.packb({"image": {b"__ndarray__": True, b"data": b"", b"dtype": "|u1", b"shape": [9]}}),
+                "not msgpack-numpy",
+            ),
+        ]:
+            ws.send(frame)
+            reply = ws.recv(timeout=WAIT_S)
+            assert isinstance(reply, str) and fragment in reply
+        ws.send(msgpack_numpy.packb(_observation()))
+        assert msgpack_numpy.unpackb(ws.recv(timeout=WAIT_S))["status"] == "success"
+
+
+def test_api_key_is_required_when_set(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(FakePolicy(), api_key="secret")
+    for key in (None, "wrong"):
+        with pytest.raises(InvalidStatus) as error:
+            WebsocketClientPolicy("127.0.0.1", server.port, api_key=key)
+        assert error.value.response.status_code == 401
+    assert (
+        WebsocketClientPolicy("127.0.0.1", server.port, api_key="secret").infer(_observation())["status"] == "success"
+    )
+    assert _healthz(server.port) == 200
+
+
+def test_server_stays_responsive_during_slow_inference(start_server: Callable[..., ServerThread]) -> None:
+    gate = threading.Event()
+    policy = FakePolicy(gate=gate)
+    server = start_server(policy)
+    replies: list[dict] = []
+    slow = threading.Thread(
+        target=lambda: replies.append(WebsocketClientPolicy("127.0.0.1", server.port).infer(_observation()))
+    )
+    slow.start()
+    try:
+        assert policy.entered.wait(WAIT_S)
+        assert _healthz(server.port) == 200
+        assert WebsocketClientPolicy("127.0.0.1", server.port).get_server_metadata()["model"] == "FakePolicy"
+        assert not replies, "the inference is still blocked"
+    finally:
+        gate.set()
+        slow.join(WAIT_S)
+    assert replies[0]["actions"].shape == (4, 7)
+
+
+def test_client_leaving_mid_inference_leaves_server_healthy(start_server: Callable[..., ServerThread]) -> None:
+    gate = threading.Event()
+    policy = FakePolicy(gate=gate)
+    server = start_server(policy)
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{server.port}", compression=None, max_size=None) as ws:
+        ws.recv(timeout=WAIT_S)
+        ws.send(msgpack_numpy.packb(_observation()))
+        assert policy.entered.wait(WAIT_S)
+    gate.set()
+    assert WebsocketClientPolicy("127.0.0.1", server.port).infer(_observation())["status"] == "success"
+    assert _healthz(server.port) == 200
+
+
+def test_wait_for_server_times_out_when_nothing_listens() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(TimeoutError, match="healthz"):
+        wait_for_server("127.0.0.1", port, timeout=0.3)
+
+
+def test_letterbox_keeps_aspect_and_pads_black() -> None:
+    out = letterbox(np.full((48, 64, 3), 200, np.uint8), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert (out[:4] == 0).all() and (out[-4:] == 0).all() and (out[4:28] == 200).all()
+
+
+def test_adapter_maps_client_keys_and_accepts_float_images() -> None:
+    message = {
+        "observation/image": np.ones((16, 16, 3), np.float32),
+        "observation/wrist_image": np.zeros((16, 8, 3), np.uint8),
+        "observation/state": [0.1] * 8,
+        "prompt": "open the drawer",
+    }
+    obs = adapt_observation(message, LIBERO_KEYS, 32)
+    assert obs.image.dtype == np.uint8 and (obs.image == 255).all()
+    assert obs.wrist_image.shape == (32, 32, 3)
+    assert obs.state.dtype == np.float32 and obs.state.shape == (8,)
+    with pytest.raises(ObservationError, match='"observation/state" contains NaN'):
+        adapt_observation({**message, "observation/state": [np.nan] * 8}, LIBERO_KEYS, 32)
+
+
+@pytest.mark.slow  # the subprocess imports torch and models
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_server_shuts_down_cleanly_on_signal(sig: signal.Signals) -> None:
+    code = (
+        "from serving import PolicyServer, run_server; from tests.test_serving import KEYS, FakePolicy; "
+        "run_server(PolicyServer(FakePolicy(), KEYS), '127.0.0.1', 0, lambda port: print(port, flush=True))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline() or 0)
+        assert port, proc.stderr.read().decode()
+        client = WebsocketClientPolicy("127.0.0.1", port)  # a connected client must not hold the shutdown up
+        assert client.infer(_observation())["status"] == "success"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "fragment"),
+    [
+        (None, "ckpt is required"),
+        pytest.param("/nonexistent/ckpt", "/nonexistent/ckpt does not exist", marks=pytest.mark.slow),  # imports models
+    ],
+)
+def test_serve_cli_rejects_a_bad_checkpoint(ckpt: str | None, fragment: str, tmp_path: Path) -> None:
+    args = [sys.executable, str(REPO / "serve.py"), f"hydra.run.dir={tmp_path}"] + ([f"ckpt={ckpt}"] if ckpt else [])
+    result = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode != 0 and fragment in result.stderr

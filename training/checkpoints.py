@@ -1,0 +1,80 @@
+"""Where a run keeps its checkpoints, which ones it keeps, and its resume-only training state.
+
+<run>/checkpoints/step_000500/     deployable (models.checkpoint)      kept: the last k and the best k
+<run>/checkpoints/index.json       every kept checkpoint with its metrics, and the best one
+<run>/state/                       resume-only: accelerate state (model, optimizer, scheduler, RNG) + trainer.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from datasets.statistics import write_json_atomic
+
+STEP_PREFIX = "step_"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob(f"{STEP_PREFIX}[0-9]*"))
+
+
+def _metric(ckpt: Path, name: str) -> float:
+    meta = ckpt / "meta.json"
+    value = json.loads(meta.read_text()).get("metrics", {}).get(name) if meta.is_file() else None
+    return float(value) if value is not None else math.inf
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: int, metric: str) -> dict:
+    """Delete checkpoints that are neither among the last `keep_last` nor the best `keep_best` (lowest metric);
+    writes checkpoints/index.json. Returns the index."""
+    checkpoints = list_checkpoints(run_dir)
+    by_metric = sorted((c for c in checkpoints if math.isfinite(_metric(c, metric))), key=lambda c: _metric(c, metric))
+    keep = set(checkpoints[-keep_last:] if keep_last > 0 else []) | set(by_metric[:keep_best])
+    for ckpt in checkpoints:
+        if ckpt not in keep:
+            shutil.rmtree(ckpt)
+    kept = [c for c in checkpoints if c in keep]
+    index = {
+        "metric": metric,
+        "best": str(by_metric[0]) if by_metric else None,
+        "latest": str(kept[-1]) if kept else None,
+        "checkpoints": {c.name: _metric(c, metric) for c in kept},
+    }
+    write_json_atomic(
+        run_dir / "checkpoints" / "index.json",
+        {**index, "checkpoints": {k: (v if math.isfinite(v) else None) for k, v in index["checkpoints"].items()}},
+    )
+    return index
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict) -> None:
+    """Replace <run>/state atomically (written beside it, then renamed); all ranks must call this."""
+    final, tmp = run_dir / "state", run_dir / ".state.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer.json", trainer_state)
+        old = run_dir / ".state.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(accelerator: Accelerator, run_dir: Path) -> dict:
+    state_dir = run_dir / "state"
+    if not (state_dir / "trainer.json").is_file():
+        raise FileNotFoundError(
+            f"resume=true but {state_dir} holds no training state; point hydra.run.dir at the run to continue"
+        )
+    accelerator.load_state(str(state_dir))
+    return json.loads((state_dir / "trainer.json").read_text())
