@@ -5,6 +5,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from training.run_dir import register_resolvers
+
+register_resolvers()
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:

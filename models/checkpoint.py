@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, select_statistics, to_norm_stats, write_json_atomic
 from models.finetune import add_lora_adapters
@@ -57,11 +57,13 @@ def save_checkpoint(
     step: int,
     metrics: dict | None = None,
     trainable_only: bool = False,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write the dir atomically: built beside the target, then renamed over it.
 
     trainable_only: store just the weights that train (LoRA adapters, projector, head, EMA); loading rebuilds the
-    rest from the base the config references (`model.pretrained`).
+    rest from the base the config references (`model.pretrained`). state_dict: the full weights when they were
+    gathered from a sharded (FSDP / DeepSpeed) model; by default the model's own.
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -71,12 +73,11 @@ def save_checkpoint(
         write_json_atomic(tmp / STATISTICS_FILE, statistics)
         unnorm_key = cfg.get("unnorm_key") or next(iter(statistics))
         write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
+        state = state_dict if state_dict is not None else model.state_dict()
         if trainable_only:
             trained = {n for n, p in model.named_parameters() if p.requires_grad}
-            state = {k: v.contiguous() for k, v in model.state_dict().items() if k in trained or ".ema_" in f".{k}"}
-            save_file(state, str(tmp / "model.safetensors"))
-        else:
-            save_model(model, str(tmp / "model.safetensors"))
+            state = {k: v for k, v in state.items() if k in trained or k.startswith("ema_diffusion.")}
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         tokenizer = getattr(getattr(model, "llm_backbone", None), "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")

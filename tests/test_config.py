@@ -9,12 +9,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from training.run_dir import register_resolvers
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 DATASETS = sorted(p.stem for p in (REPO / "conf" / "dataset").glob("*.yaml"))
 
 
 def _compose(overrides: list[str]):
+    register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
@@ -49,3 +52,12 @@ def test_import_hygiene() -> None:
 
     assert importlib.util.find_spec("datasets").origin == str(REPO / "datasets" / "__init__.py")
     check_import_hygiene()
+
+
+def test_ranks_of_one_launch_agree_on_the_run_dir(monkeypatch) -> None:
+    from training.run_dir import run_stamp
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_stamp() == run_stamp()  # both "ranks" share this process's parent, as torchrun's children do
+    monkeypatch.setenv("VLA_RUN_STAMP", "job-42")
+    assert run_stamp() == "job-42"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -143,6 +143,9 @@ def train(cfg: DictConfig) -> dict:
     )
     train_data = iterate_torch(train_frames, sources)
     val_data = make_frame_dataset(sources, statistics, loader_cfg, "val") if loader_cfg.val_fraction > 0 else None
+    if accelerator.distributed_type == DistributedType.FSDP and val_data is not None:
+        accelerator.print("validation is skipped under FSDP (sharded weights); evaluate the checkpoints instead")
+        val_data = None
     keys = [s.key for s in sources]
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
@@ -189,9 +192,12 @@ def train(cfg: DictConfig) -> dict:
             logger.log(step, metrics)
             best = min(best, metrics.get("val/loss", best))
         if step % cfg.save_every == 0 or at_end:
+            weights = accelerator.get_state_dict(model)  # a collective: gathers sharded weights (FSDP, DeepSpeed)
             if accelerator.is_main_process:
                 ckpt_dir = run_dir / "checkpoints" / f"step_{step:06d}"
-                checkpoint = save_checkpoint(ckpt_dir, policy, final_cfg, statistics, step, metrics, trainable_only)
+                checkpoint = save_checkpoint(
+                    ckpt_dir, policy, final_cfg, statistics, step, metrics, trainable_only, state_dict=weights
+                )
                 prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, cfg.checkpoint.metric)
             state = {"step": step, "micro_batches": micro_batches, "best": best, "checkpoint": str(checkpoint)}
             save_training_state(accelerator, run_dir, state)
