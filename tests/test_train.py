@@ -87,3 +87,22 @@ def test_resume_without_state_fails_before_training(tmp_path: Path) -> None:
     result = _run_train(tmp_path, "debug=smoke", "resume=true")
     assert result.returncode != 0
     assert "holds no training state" in result.stderr
+
+
+@pytest.mark.slow
+def test_optuna_search_minimizes_the_returned_validation_loss(tmp_path: Path) -> None:
+    result = _run_train(
+        tmp_path,
+        "-m",
+        "hparams_search=optuna_lr",
+        "debug=smoke",
+        "max_steps=2",
+        "save_every=2",
+        "val_every=2",
+        "hydra.sweeper.n_trials=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([line for line in result.stdout.splitlines() if line.startswith("checkpoint: ")]) == 2
+    optimization = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert optimization.name == "optuna" and set(optimization.best_params) >= {"optimizer.lr"}
+    assert 0 < optimization.best_value < 10
