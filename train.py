@@ -15,7 +15,8 @@ def main(cfg: DictConfig) -> float:
     from training.loop import train
 
     result = train(cfg)
-    print(f"checkpoint: {result['checkpoint']}", flush=True)
+    if result["checkpoint"] is not None:  # the main process's; other ranks print nothing
+        print(f"checkpoint: {result['checkpoint']}", flush=True)
     return result["metric"]
 
 

@@ -106,3 +106,33 @@ def test_optuna_search_minimizes_the_returned_validation_loss(tmp_path: Path) ->
     optimization = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
     assert optimization.name == "optuna" and set(optimization.best_params) >= {"optimizer.lr"}
     assert 0 < optimization.best_value < 10
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_writes_one_checkpoint_and_every_rank_state(tmp_path: Path) -> None:
+    env = {**os.environ, "VLA_DATA_DIR": str(tmp_path / "data"), "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "disabled"}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "train.py",
+            "debug=smoke",
+            "max_steps=2",
+            "save_every=2",
+            "val_every=2",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith("checkpoint: ")] == [
+        f"checkpoint: {tmp_path}/run/checkpoints/step_000002"
+    ]
+    state = {p.name for p in (tmp_path / "run" / "state").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer.json"} <= state

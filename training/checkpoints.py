@@ -58,7 +58,8 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, trainer_state: 
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp))  # every rank writes its own RNG state into tmp
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / "trainer.json", trainer_state)
         old = run_dir / ".state.old"

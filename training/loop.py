@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -93,7 +93,15 @@ def _loader_config(cfg: DictConfig, model: Policy) -> LoaderConfig:
 
 def _accelerator(cfg: DictConfig) -> Accelerator:
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps)
+    # Some parameters are not used at every step (the CFG `uncondition` token only when dropout picks it; the
+    # official layout's unused history embedder): DDP must not wait for their gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        kwargs_handlers=[ddp],
+    )
 
 
 def train(cfg: DictConfig) -> dict:
@@ -136,7 +144,7 @@ def train(cfg: DictConfig) -> dict:
         step, micro_batches, best = trainer_state["step"], trainer_state["micro_batches"], trainer_state["best"]
         accelerator.print(f"resumed at step {step} from {run_dir / 'state'}")
 
-    loader_cfg = _loader_config(cfg, model)
+    loader_cfg = _loader_config(cfg, policy)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_frames = make_frame_dataset(
         sources, statistics, loader_cfg, "train", rank, world, micro_batches * cfg.batch_size
@@ -203,4 +211,5 @@ def train(cfg: DictConfig) -> dict:
             save_training_state(accelerator, run_dir, state)
     progress.close()
     logger.close()
-    return {"checkpoint": str(checkpoint), "metric": best if math.isfinite(best) else last_loss}
+    metric = best if math.isfinite(best) else last_loss
+    return {"checkpoint": str(checkpoint) if accelerator.is_main_process else None, "metric": metric}
