@@ -136,3 +136,12 @@ def test_two_process_ddp_on_cpu_writes_one_checkpoint_and_every_rank_state(tmp_p
     ]
     state = {p.name for p in (tmp_path / "run" / "state").iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer.json"} <= state
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_and_keeps_earlier_checkpoints(tmp_path: Path) -> None:
+    result = _run_train(tmp_path, "debug=smoke", "optimizer.lr=1e30", "max_grad_norm=0", "save_every=1")
+    assert result.returncode != 0
+    assert "FloatingPointError: loss is" in result.stderr and "stopped" in result.stderr
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept and all((tmp_path / "run" / "checkpoints" / k / "model.safetensors").is_file() for k in kept)

@@ -172,7 +172,7 @@ def train(cfg: DictConfig) -> dict:
             loss, _ = model(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}; stopped. Last good checkpoint: {checkpoint}"
+                    f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint}"
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
