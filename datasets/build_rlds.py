@@ -4,9 +4,10 @@
     # language_instruction (str), optional wrist_image [T,H,W,3]
     python -m datasets.build_rlds episodes --source my_episodes/ --out data/rlds --name my_dataset
 
-    # ManiSkill3 trajectories (.h5 + .json beside it) recorded or replayed with `-o rgb -c pd_ee_delta_pose`
+    # ManiSkill3 trajectories (.h5 + .json beside it) replayed with `-o rgb -c pd_ee_delta_pose`; several --source
+    # files make one dataset, each episode with its task's instruction (sim.maniskill.TASK_PROMPTS or --instruction)
     python -m datasets.build_rlds maniskill --source demos/PickCube-v1/trajectory.rgb.pd_ee_delta_pose.h5 \
-        --out data/rlds --name maniskill_pickcube --instruction "pick up the cube"
+        --out data/rlds --name maniskill_pickcube
 
 ManiSkill actions are written as recorded (gripper -1 close / +1 open): train on them with
 `action_transform: gripper_signed_to_unit`. States are [tcp xyz, tcp euler xyz, gripper finger qpos x2] (8 dims).
@@ -146,7 +147,13 @@ def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("format", choices=["episodes", "maniskill"])
-    parser.add_argument("--source", type=Path, required=True, help="episode folder, or a ManiSkill .h5 trajectory")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        action="append",
+        required=True,
+        help="episode folder; or a ManiSkill .h5 trajectory (repeat --source to merge several tasks into one dataset)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="root dir; the dataset goes to <out>/<name>/<version>")
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", default="1.0.0")
@@ -158,10 +165,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--split-first-names", action="store_true", help="name shards train-00000-of-0000N.tfrecord")
     args = parser.parse_args(argv)
     if args.format == "episodes":
-        files = episode_files(args.source)
+        if len(args.source) != 1:
+            parser.error("episodes: give exactly one --source folder")
+        files = episode_files(args.source[0])
         path = build((read_episode_file(f) for f in files), len(files), args)
     else:
-        path = build(maniskill_episodes(args.source, args.camera, args.instruction), None, args)
+        episodes = (e for source in args.source for e in maniskill_episodes(source, args.camera, args.instruction))
+        path = build(episodes, None, args)
     print(f"dataset: {path}")
     return path
 

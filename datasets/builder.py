@@ -153,9 +153,14 @@ def write_rlds(
     Builder.name = name
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-building-") as tmp:
         builder = Builder(data_dir=tmp)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards),
-        )
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards),
+            )
+        except AssertionError as e:
+            if "number_of_shards" not in str(e):
+                raise
+            raise ValueError(f"{name}: fewer episodes than num_shards={num_shards}; write fewer shards") from e
         built = Path(tmp) / name / version
         if final.exists():
             stale = final.with_name(f".{version}.replaced")

@@ -325,6 +325,18 @@ def _augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(image, 0, 1)
 
 
+def split_name(split: str, val_fraction: float) -> str:
+    """The TFDS split of "train" / "val": held-out episodes are the last `val_fraction` of the train split."""
+    percent = round(100 * (1 - val_fraction))
+    if split == "train":
+        return "train" if val_fraction <= 0 else f"train[:{percent}%]"
+    return f"train[{percent}%:]"
+
+
+def count_episodes(source: RLDSSource, split: str, val_fraction: float) -> int:
+    return open_builder(source).info.splits[split_name(split, val_fraction)].num_examples
+
+
 def make_frame_dataset(
     sources: list[RLDSSource],
     statistics: dict,
@@ -341,10 +353,7 @@ def make_frame_dataset(
     `skip_frames` (frames already consumed, skipped while still encoded) resumes exactly where a run stopped.
     """
     train = split == "train"
-    percent = round(100 * (1 - cfg.val_fraction))
-    tfds_split = f"train[:{percent}%]" if train else f"train[{percent}%:]"
-    if train and cfg.val_fraction <= 0:
-        tfds_split = "train"
+    tfds_split = split_name(split, cfg.val_fraction)
     parallel = cfg.num_parallel_calls if cfg.num_parallel_calls > 0 else tf.data.AUTOTUNE
     per_source = []
     for index, source in enumerate(sources):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from datasets.rlds import (
     LoaderConfig,
     compute_all_statistics,
+    count_episodes,
     iterate_torch,
     make_frame_dataset,
     open_builder,
@@ -150,7 +151,12 @@ def train(cfg: DictConfig) -> dict:
         sources, statistics, loader_cfg, "train", rank, world, micro_batches * cfg.batch_size
     )
     train_data = iterate_torch(train_frames, sources)
-    val_data = make_frame_dataset(sources, statistics, loader_cfg, "val") if loader_cfg.val_fraction > 0 else None
+    val_data = None
+    if loader_cfg.val_fraction > 0:
+        if all(count_episodes(s, "val", loader_cfg.val_fraction) > 0 for s in sources):
+            val_data = make_frame_dataset(sources, statistics, loader_cfg, "val")
+        else:
+            accelerator.print(f"validation off: loader.val_fraction={loader_cfg.val_fraction} holds out no episode")
     if accelerator.distributed_type == DistributedType.FSDP and val_data is not None:
         accelerator.print("validation is skipped under FSDP (sharded weights); evaluate the checkpoints instead")
         val_data = None

@@ -1,0 +1,199 @@
+"""End to end on CPU: ManiSkill3 demonstrations -> RLDS -> finetune -> serve -> evaluate, with success rates.
+
+    .venv/bin/python -m benchmarks.maniskill_e2e                        # the full recipe (see --help for sizes)
+    .venv/bin/python -m benchmarks.maniskill_e2e --mini                 # a miniature of every stage (the slow test)
+
+Stages: motion-planning demos (pd_joint_pos) per task -> replay to pd_ee_delta_pose with RGB -> one RLDS dataset with
+each task's instruction -> statistics -> train.py experiment=maniskill_e2e -> eval_maniskill.py per task on held-out
+seeds (the server started in-process from the checkpoint). Writes benchmarks/results/maniskill_e2e_<stamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ("PushCube-v1", "PickCube-v1", "StackCube-v1")
+EVAL_SEED_OFFSET = 100_000  # demonstrations use seeds from 0; evaluation seeds never overlap them
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None) -> str:
+    """Run a stage's command, its output kept in log; returns stdout. Fails loudly with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        result = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=out, text=True, env=env)
+    log.with_suffix(".stdout").write_text(result.stdout)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd[:4])} ... failed ({result.returncode}); see {log}:\n{log.read_text()[-2000:]}"
+        )
+    return result.stdout
+
+
+def last_line_value(stdout: str, prefix: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith(prefix)]
+    if not lines:
+        raise RuntimeError(f"no '{prefix}' line in the output")
+    return lines[-1].removeprefix(prefix).strip()
+
+
+def record_demos(task: str, count: int, work: Path, logs: Path) -> Path:
+    """Motion-planning demos, replayed into pd_ee_delta_pose with RGB observations; returns the .h5 path."""
+    out = work / "demos" / task
+    if not list(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")):
+        run(
+            [
+                sys.executable,
+                "-m",
+                "mani_skill.examples.motionplanning.panda.run",
+                "-e",
+                task,
+                "-n",
+                str(count),
+                "--only-count-success",
+                "-b",
+                "cpu",
+                "--record-dir",
+                str(work / "demos"),
+                "--traj-name",
+                task,
+            ],
+            logs / f"record_{task}.log",
+        )
+        (source,) = (work / "demos" / task / "motionplanning").glob(f"{task}.h5")
+        run(
+            [
+                sys.executable,
+                "-m",
+                "mani_skill.trajectory.replay_trajectory",
+                "--traj-path",
+                str(source),
+                "-o",
+                "rgb",
+                "-c",
+                "pd_ee_delta_pose",
+                "-b",
+                "physx_cpu",
+                "--save-traj",
+            ],
+            logs / f"replay_{task}.log",
+        )
+        for path in (work / "demos" / task / "motionplanning").glob(f"{task}.rgb.pd_ee_delta_pose.*"):
+            out.mkdir(parents=True, exist_ok=True)
+            path.rename(out / path.name)
+    (replayed,) = out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")
+    return replayed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--demos", type=int, default=100, help="successful demonstrations per task")
+    parser.add_argument("--train-steps", type=int, default=4000)
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--work-dir", type=Path, default=REPO / "data" / "maniskill_e2e")
+    parser.add_argument("--mini", action="store_true", help="2 demos of one task, 4 steps, 1 short episode")
+    parser.add_argument("--train-override", nargs="*", default=[], help="extra train.py overrides")
+    args = parser.parse_args()
+    if args.mini:
+        args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
+    work, stamp = args.work_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    logs = work / "logs" / stamp
+    env = {**os.environ, "VLA_DATA_DIR": str(work / "data"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    wall: dict[str, float] = {}
+
+    started = time.perf_counter()
+    trajectories = [record_demos(task, args.demos, work, logs) for task in args.tasks]
+    wall["demonstrations_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    from datasets.build_rlds import main as build_rlds
+
+    dataset_root = work / "data" / "rlds"
+    build_rlds(
+        [
+            "maniskill",
+            *[a for t in trajectories for a in ("--source", str(t))],
+            "--out",
+            str(dataset_root),
+            "--name",
+            "maniskill_e2e",
+            "--image-size",
+            "128",
+            "--shards",
+            "1" if args.mini else "4",
+        ]
+    )
+    wall["rlds_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    train_dir = work / "runs" / stamp
+    overrides = [f"max_steps={args.train_steps}", f"hydra.run.dir={train_dir}"]
+    if args.mini:
+        overrides += [
+            "batch_size=4",
+            "save_every=4",
+            "val_every=4",
+            "val_batches=1",
+            "loader.frame_shuffle_buffer=64",
+            "loader.val_fraction=0.5",
+        ]
+    stdout = run(
+        [sys.executable, "train.py", "experiment=maniskill_e2e", *overrides, *args.train_override],
+        logs / "train.log",
+        env,
+    )
+    checkpoint = last_line_value(stdout, "checkpoint: ")
+    wall["train_s"] = time.perf_counter() - started
+
+    success: dict[str, dict] = {}
+    for task in args.tasks:
+        started = time.perf_counter()
+        stdout = run(
+            [
+                sys.executable,
+                "eval_maniskill.py",
+                f"ckpt={checkpoint}",
+                f"env_id={task}",
+                f"num_episodes={args.eval_episodes}",
+                f"seed={EVAL_SEED_OFFSET}",
+                "image_size=128",
+                f"hydra.run.dir={work / 'eval' / stamp / task}",
+                *(["max_steps=10"] if args.mini else []),
+            ],
+            logs / f"eval_{task}.log",
+            env,
+        )
+        results = json.loads(Path(last_line_value(stdout, "results: ")).read_text())
+        success[task] = {
+            k: results.get(k) for k in ("success_rate", "num_episodes", "successes", "success_interval_95")
+        }
+        wall[f"eval_{task}_s"] = time.perf_counter() - started
+
+    from models.checkpoint import git_revision
+
+    report = {
+        "date": datetime.now(UTC).isoformat(),
+        "git_revision": git_revision(),
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "checkpoint": checkpoint,
+        "wall_time_s": wall,
+        "success": success,
+    }
+    out = REPO / "benchmarks" / "results" / f"maniskill_e2e_{'mini_' if args.mini else ''}{stamp}.json"
+    if not args.mini:
+        out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["success"], indent=2))
+    print(f"results: {out if not args.mini else logs}")
+
+
+if __name__ == "__main__":
+    main()

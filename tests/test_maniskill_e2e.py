@@ -1,0 +1,37 @@
+"""A miniature of the end-to-end recipe: ManiSkill3 motion-planning demos -> replay to pd_ee_delta_pose RGB -> RLDS
+-> train -> serve -> evaluate (benchmarks/maniskill_e2e.py --mini)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.maniskill_e2e", "--mini", "--work-dir", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (dataset,) = (tmp_path / "data" / "rlds" / "maniskill_e2e").iterdir()
+    info = json.loads((dataset / "dataset_info.json").read_text())
+    assert int(info["splits"][0]["shardLengths"][0]) == 2  # two demonstrations became two RLDS episodes
+    (results,) = (tmp_path / "eval").glob("*/PushCube-v1/results.json")
+    record = json.loads(results.read_text())
+    assert record["num_episodes"] == 1 and record["config"]["prompt"]
+    (stats,) = (tmp_path / "runs").glob("*/dataset_statistics.json")
+    entry = json.loads(stats.read_text())["maniskill_e2e"]
+    assert entry["num_trajectories"] == 2 and entry["action"]["mask"] == [True] * 6 + [False]
