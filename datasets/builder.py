@@ -9,7 +9,6 @@ language_instruction, reward, discount, is_first, is_last, is_terminal; episode_
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming
+
+from datasets.atomic import replace_dir
 
 SPLIT_FIRST_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 
@@ -161,14 +162,5 @@ def write_rlds(
             if "number_of_shards" not in str(e):
                 raise
             raise ValueError(f"{name}: fewer episodes than num_shards={num_shards}; write fewer shards") from e
-        built = Path(tmp) / name / version
-        if final.exists():
-            stale = final.with_name(f".{version}.replaced")
-            shutil.rmtree(stale, ignore_errors=True)
-            final.rename(stale)
-            built.rename(final)
-            shutil.rmtree(stale)
-        else:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            built.rename(final)
+        replace_dir(Path(tmp) / name / version, final)
     return final

@@ -10,8 +10,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from datasets.atomic import write_json_atomic
 from datasets.rlds import compute_all_statistics, sources_from_config
-from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, to_norm_stats, write_json_atomic
+from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, to_norm_stats
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="statistics")

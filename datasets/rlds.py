@@ -20,7 +20,8 @@ import tensorflow_datasets as tfds
 import torch
 from tqdm import tqdm
 
-from datasets.statistics import normalize, summarize, write_json_atomic
+from datasets.atomic import write_json_atomic
+from datasets.statistics import normalize, summarize
 from datasets.transforms import get_action_transform
 
 tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; the accelerator belongs to torch.

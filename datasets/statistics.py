@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from datasets.atomic import write_json_atomic as write_json_atomic  # re-exported for older imports
 
 STATISTICS_FILE = "dataset_statistics.json"
 NORM_STATS_FILE = "norm_stats.json"
@@ -96,19 +96,3 @@ def to_norm_stats(entry: dict) -> dict:
     if "proprio" in entry:
         out["state"] = {k: entry["proprio"][k] for k in keep}
     return {"norm_stats": out}
-
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write JSON to a temp file beside `path`, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, load_model, save_file
 
-from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, select_statistics, to_norm_stats, write_json_atomic
+from datasets.atomic import replace_dir, write_json_atomic
+from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, select_statistics, to_norm_stats
 from models.finetune import add_lora_adapters
 from models.policy import Policy
 
@@ -92,14 +93,7 @@ def save_checkpoint(
             "git_revision": git_revision(),
         }
         write_json_atomic(tmp / "meta.json", meta)
-        if ckpt_dir.exists():
-            old = ckpt_dir.with_name(f".{ckpt_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            ckpt_dir.rename(old)
-            tmp.rename(ckpt_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(ckpt_dir)
+        replace_dir(tmp, ckpt_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

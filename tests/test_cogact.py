@@ -158,3 +158,21 @@ def test_wrong_action_window_is_refused(tiny) -> None:
     batch["action"] = batch["action"][:, :8]
     with pytest.raises(ValueError, match=r"expects \[16, 7\]"):
         tiny.compute_loss(batch)
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch) -> None:
+    import models.checkpoint as checkpoint_module
+
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=1)
+    before = (ckpt / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=2)
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert '"step": 1' in (ckpt / "meta.json").read_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from datasets.statistics import write_json_atomic
+from datasets.atomic import replace_dir, write_json_atomic
 
 STEP_PREFIX = "step_"
 
@@ -62,12 +62,7 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, trainer_state: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / "trainer.json", trainer_state)
-        old = run_dir / ".state.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     accelerator.wait_for_everyone()
 
 

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from datasets.atomic import write_json_atomic
 from datasets.rlds import (
     LoaderConfig,
     compute_all_statistics,
@@ -26,7 +27,7 @@ from datasets.rlds import (
     open_builder,
     sources_from_config,
 )
-from datasets.statistics import STATISTICS_FILE, write_json_atomic
+from datasets.statistics import STATISTICS_FILE
 from models.checkpoint import save_checkpoint
 from models.finetune import apply_finetune_mode
 from models.policy import Policy
