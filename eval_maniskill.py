@@ -1,6 +1,7 @@
 """Evaluate a policy in ManiSkill3 through the policy server:
 `python eval_maniskill.py ckpt=<dir> prompt="push the cube to the goal region" env_id=PushCube-v1 num_episodes=10`.
-Prints `results: <run dir>/results.json` as its last line."""
+Writes episodes.jsonl, results.json (success rate with its 95% Wilson interval), videos/ and images/ in the run dir;
+prints `results: <run dir>/results.json` as its last line."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval_maniskill")
 def main(cfg: DictConfig) -> float:
-    from openpi_client.websocket_client_policy import WebsocketClientPolicy
-
     from serving import PolicyServer, ServerThread, wait_for_server
-    from sim import default_prompt, evaluate, make_env
+    from sim import EvalSettings, PolicyClient, check_task, evaluate, make_vector_env, resolve_prompt
 
     if not cfg.ckpt and not cfg.server:
         raise SystemExit("eval_maniskill.py: pass ckpt=<checkpoint dir> (served here) or server=<host:port>")
+    try:
+        check_task(cfg.env_id)
+        prompt = resolve_prompt(cfg.env_id, cfg.prompt)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"eval_maniskill.py: env_id: {error}") from None
     ckpt_cfg = None
     if cfg.ckpt:
         from models import load_config
@@ -32,7 +36,6 @@ def main(cfg: DictConfig) -> float:
     robot = cfg.get("robot") or (ckpt_cfg.get("robot") if ckpt_cfg is not None else None)
     if robot is None:
         raise SystemExit("eval_maniskill.py: no robot config: pass robot=<name> (conf/robot) or a ckpt that has one")
-    prompt = cfg.prompt or default_prompt(cfg.env_id)
     control_mode, camera = cfg.control_mode or robot.control_mode, cfg.camera or robot.camera
     out_dir = Path(HydraConfig.get().runtime.output_dir)
 
@@ -52,48 +55,55 @@ def main(cfg: DictConfig) -> float:
             running = stack.enter_context(ServerThread(server))
             host, port = running.host, running.port
         wait_for_server(host, port, timeout=cfg.server_timeout)
-        client = WebsocketClientPolicy(host, port, api_key=cfg.api_key)
-        metadata = client.get_server_metadata()
+        clients = []  # one connection per env, each env's episodes take turns on it
+        for _ in range(cfg.workers):
+            clients.append(PolicyClient(host, port, cfg.api_key, cfg.reconnect.attempts, cfg.reconnect.timeout_s))
+            stack.callback(clients[-1].close)
+        metadata = clients[0].metadata
         image_size = cfg.image_size or metadata.get("image_size")
         if not image_size:
             raise SystemExit("eval_maniskill.py: the server's metadata has no image_size; pass image_size=<pixels>")
-        if cfg.execute_steps > metadata.get("action_horizon", cfg.execute_steps):
+        if not cfg.ensemble.enabled and cfg.execute_steps > metadata.get("action_horizon", cfg.execute_steps):
             raise SystemExit(
                 f"eval_maniskill.py: execute_steps={cfg.execute_steps} exceeds the policy's action_horizon "
                 f"{metadata['action_horizon']}"
             )
-        env = make_env(cfg.env_id, control_mode, image_size, camera, max_episode_steps=cfg.max_steps)
-        stack.callback(env.close)
+        envs = make_vector_env(cfg.env_id, control_mode, image_size, camera, cfg.max_steps, cfg.workers)
+        stack.callback(envs.close)
+        settings = EvalSettings(
+            num_episodes=cfg.num_episodes,
+            seed=cfg.seed,
+            max_steps=cfg.max_steps,
+            execute_steps=cfg.execute_steps,
+            prompt=prompt,
+            ensemble_horizon=cfg.ensemble.horizon if cfg.ensemble.enabled else None,
+            ensemble_alpha=cfg.ensemble.alpha,
+            save_images=cfg.save_images,
+            save_videos=cfg.save_videos,
+        )
         summary = {
             "ckpt": cfg.ckpt,
             "server": cfg.server or f"in-process on {host}:{port}",
             "server_metadata": metadata,
             "robot": OmegaConf.to_container(robot, resolve=True),
             "env_id": cfg.env_id,
-            "prompt": prompt,
+            "prompt": prompt or "per episode (the task's get_language_instruction())",
             "control_mode": control_mode,
             "camera": camera,
             "image_size": image_size,
             "max_steps": cfg.max_steps,
-            "execute_steps": cfg.execute_steps,
+            "execute_steps": 1 if cfg.ensemble.enabled else cfg.execute_steps,
+            "ensemble": OmegaConf.to_container(cfg.ensemble),
             "num_episodes": cfg.num_episodes,
             "seed": cfg.seed,
+            "workers": cfg.workers,
         }
-        results = evaluate(
-            env,
-            client,
-            robot,
-            prompt=prompt,
-            camera=camera,
-            max_steps=cfg.max_steps,
-            execute_steps=cfg.execute_steps,
-            num_episodes=cfg.num_episodes,
-            seed=cfg.seed,
-            out_dir=out_dir,
-            save_images=cfg.save_images,
-            summary=summary,
-        )
-    print(f"success rate {results['success_rate']:.3f} over {results['num_episodes']} episodes")
+        results = evaluate(envs, clients, robot, settings, out_dir, summary)
+    low, high = results["success_rate_ci95"]
+    print(
+        f"success rate {results['success_rate']:.3f} (95% CI {low:.3f}-{high:.3f}) over {results['num_episodes']} "
+        f"episodes, {results['episodes_with_errors']} with errors"
+    )
     print(f"results: {out_dir / 'results.json'}", flush=True)
     return results["success_rate"]
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.atomic import write_json_atomic as write_json_atomic  # re-exported for older imports
-
 STATISTICS_FILE = "dataset_statistics.json"
 NORM_STATS_FILE = "norm_stats.json"
 _EPS = 1e-8

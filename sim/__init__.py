@@ -1,16 +1,41 @@
-"""ManiSkill3 evaluation: env factory (`sim.maniskill`), action mapping (`sim.actions`), episodes (`sim.episode`)."""
+"""ManiSkill3 evaluation: envs and tasks (`sim.maniskill`, `sim.pick_object`), action mapping (`sim.actions`), the
+reconnecting policy client (`sim.client`), episodes and results (`sim.episode`), episode videos (`sim.video`)."""
 
-from sim.actions import to_env_action
-from sim.episode import EpisodeResult, evaluate, run_episode
-from sim.maniskill import TASK_PROMPTS, camera_image, default_prompt, make_env
+from sim.actions import ChunkExecution, to_env_action
+from sim.client import PolicyClient, PolicyConnectionError
+from sim.episode import EpisodeResult, EvalSettings, evaluate, wilson_interval
+from sim.maniskill import (
+    EPISODE_PROMPT_TASKS,
+    TASK_PROMPTS,
+    CameraEnv,
+    camera_image,
+    check_task,
+    default_prompt,
+    make_env,
+    make_eval_env,
+    make_vector_env,
+    resolve_prompt,
+)
+from sim.video import EpisodeVideo
 
 __all__ = [
+    "EPISODE_PROMPT_TASKS",
     "TASK_PROMPTS",
+    "CameraEnv",
+    "ChunkExecution",
     "EpisodeResult",
+    "EpisodeVideo",
+    "EvalSettings",
+    "PolicyClient",
+    "PolicyConnectionError",
     "camera_image",
+    "check_task",
     "default_prompt",
     "evaluate",
     "make_env",
-    "run_episode",
+    "make_eval_env",
+    "make_vector_env",
+    "resolve_prompt",
     "to_env_action",
+    "wilson_interval",
 ]

@@ -1,14 +1,19 @@
-"""ManiSkill3 environments for evaluation: one CPU-rendered env with square RGB cameras, and its camera image."""
+"""ManiSkill3 environments for evaluation: CPU-rendered envs with square RGB cameras, wrapped as plain single envs
+(observation: one camera image) that gymnasium's vector envs can run in-process or one per worker process."""
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 
 import gymnasium as gym
 import numpy as np
 
-# Tasks that run without downloaded assets, with the instruction an evaluation sends by default.
+# Panda tabletop tasks that build and reset here on CPU without downloaded assets (tests/test_sim.py checks each),
+# with the instruction an evaluation sends by default. Not here: PushT-v1 and the drawing tasks (panda_stick: no
+# gripper, 6-dim actions), the TwoRobot* tasks (two arms), and tasks with YCB objects, PartNet-Mobility articulations,
+# scenes or Bridge assets (downloads; make_env refuses them at once).
 TASK_PROMPTS = {
     "PushCube-v1": "push the cube to the goal region",
     "PickCube-v1": "pick up the cube and move it to the goal position",
@@ -22,56 +27,171 @@ TASK_PROMPTS = {
     "PullCubeTool-v1": "use the tool to pull the cube to the goal region",
     "RollBall-v1": "push the ball so that it rolls to the goal region",
     "StackPyramid-v1": "stack the cubes into a pyramid",
+    "FMBAssembly1Easy-v1": "assemble the green bridge onto the red board",
 }
+# Tasks that name their instruction per episode (the env's get_language_instruction()); registered by this package.
+EPISODE_PROMPT_TASKS = ("PickObject-v1",)
 # The Panda's wrist camera exists only on the panda_wristcam robot.
 CAMERA_ROBOTS = {"hand_camera": "panda_wristcam"}
 
 
 def default_prompt(env_id: str) -> str:
+    """The fixed instruction of a task in TASK_PROMPTS."""
+    if env_id in EPISODE_PROMPT_TASKS:
+        raise ValueError(f"{env_id} names its instruction per episode (get_language_instruction()), not a fixed one")
     if env_id not in TASK_PROMPTS:
         raise ValueError(f'no default prompt for {env_id}; pass prompt="..." (defaults exist for {list(TASK_PROMPTS)})')
     return TASK_PROMPTS[env_id]
 
 
+def resolve_prompt(env_id: str, prompt: str | None) -> str | None:
+    """The instruction every episode gets: `prompt`, else the task's default; None for a task in
+    EPISODE_PROMPT_TASKS, whose episodes each bring their own."""
+    if prompt:
+        return prompt
+    return None if env_id in EPISODE_PROMPT_TASKS else default_prompt(env_id)
+
+
+def register_tasks() -> None:
+    """Register ManiSkill's tasks and this package's with gymnasium (imports mani_skill: seconds)."""
+    import mani_skill.envs  # noqa: F401
+
+    import sim.pick_object  # noqa: F401
+
+
+def check_task(env_id: str) -> None:
+    """ValueError for an unknown env_id; RuntimeError, with the download command, for a task whose declared assets
+    are missing (instead of ManiSkill's interactive download prompt)."""
+    register_tasks()
+    from mani_skill.utils import assets
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    if env_id not in REGISTERED_ENVS:
+        known = ", ".join([*TASK_PROMPTS, *EPISODE_PROMPT_TASKS])
+        raise ValueError(f"unknown ManiSkill env_id {env_id!r}; tasks that need no download: {known}")
+    missing = []
+    for asset_id in REGISTERED_ENVS[env_id].asset_download_ids or []:
+        sources = (
+            assets.expand_data_group_into_individual_data_source_ids(asset_id)
+            if asset_id in assets.DATA_GROUPS
+            else [asset_id]
+        )
+        missing += [source for source in sources if not assets.is_data_source_downloaded(source)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise RuntimeError(_missing_assets_message(env_id, shown))
+
+
+def _missing_assets_message(env_id: str, what: str) -> str:
+    return (
+        f"{env_id} needs assets that are not downloaded ({what}); "
+        f"run `python -m mani_skill.utils.download_asset {env_id}` on a machine with network access"
+    )
+
+
 def make_env(
-    env_id: str, control_mode: str, image_size: int, camera: str = "base_camera", max_episode_steps: int | None = None
+    env_id: str,
+    control_mode: str,
+    image_size: int,
+    camera: str = "base_camera",
+    max_episode_steps: int | None = None,
+    obs_mode: str = "rgb",
+    **env_kwargs: object,
 ) -> gym.Env:
-    """One env on the CPU backends whose cameras render image_size x image_size RGB; `camera` must be among them.
-
-    hand_camera selects the panda_wristcam robot. A task whose assets are missing fails at once with the command that
-    downloads them, instead of waiting on ManiSkill's download prompt.
-    """
-    import mani_skill.envs  # noqa: F401  registers the tasks with gymnasium
-
-    if env_id not in gym.registry:
-        raise ValueError(f"unknown ManiSkill env_id {env_id!r}; tasks that need no download: {', '.join(TASK_PROMPTS)}")
+    """One ManiSkill env on the CPU backends whose cameras render image_size x image_size RGB; `camera` must be
+    among them (obs_mode="state": no cameras are checked). hand_camera selects the panda_wristcam robot.
+    A task whose assets are missing fails at once with the command that downloads them."""
+    check_task(env_id)
     kwargs = {"robot_uids": CAMERA_ROBOTS[camera]} if camera in CAMERA_ROBOTS else {}
-    stdin, sys.stdin = sys.stdin, io.StringIO()  # ManiSkill asks on stdin before downloading: answer EOF at once
+    stdin, sys.stdin = sys.stdin, io.StringIO()  # an undeclared download still asks on stdin: answer EOF at once
     try:
         env = gym.make(
             env_id,
-            obs_mode="rgb",
+            obs_mode=obs_mode,
             control_mode=control_mode,
             sim_backend="cpu",
             render_backend="cpu",
             sensor_configs=dict(width=image_size, height=image_size),
             max_episode_steps=max_episode_steps,
             **kwargs,
+            **env_kwargs,
         )
     except EOFError:
-        raise RuntimeError(
-            f"{env_id} needs assets that are not downloaded (named above); "
-            f"run `python -m mani_skill.utils.download_asset {env_id}` on a machine with network access"
-        ) from None
+        raise RuntimeError(_missing_assets_message(env_id, "named above")) from None
     finally:
         sys.stdin = stdin
-    cameras = list(env.observation_space["sensor_data"].keys())
-    if camera not in cameras:
-        env.close()
-        raise ValueError(f"camera {camera!r} is not a camera of {env_id}; choose one of {cameras}")
+    if obs_mode != "state":
+        cameras = list(env.observation_space["sensor_data"].keys())
+        if camera not in cameras:
+            env.close()
+            raise ValueError(f"camera {camera!r} is not a camera of {env_id}; choose one of {cameras}")
     return env
 
 
 def camera_image(obs: dict, camera: str) -> np.ndarray:
     """uint8 [H, W, 3] from obs["sensor_data"][camera]["rgb"] (a torch tensor [1, H, W, 3])."""
     return obs["sensor_data"][camera]["rgb"][0].cpu().numpy()
+
+
+class CameraEnv(gym.Wrapper):
+    """A single ManiSkill env as a plain gymnasium env for the evaluator: the observation is the camera image uint8
+    [H, W, 3]; reward is a float, terminated/truncated are bools; info is {"success": bool}, and after a reset also
+    {"prompt": str}: the episode's own instruction ("" for a task without one). metadata["render_fps"] is the control
+    frequency."""
+
+    def __init__(self, env: gym.Env, camera: str) -> None:
+        super().__init__(env)
+        self.camera = camera
+        size = env.observation_space["sensor_data"][camera]["rgb"].shape[-3:]
+        self.observation_space = gym.spaces.Box(0, 255, size, np.uint8)
+        self.metadata = {**env.metadata, "render_fps": env.unwrapped.control_freq}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        obs, _ = self.env.reset(seed=seed, options=options)
+        instruction = getattr(self.env.unwrapped, "get_language_instruction", None)
+        return camera_image(obs, self.camera), {"prompt": instruction()[0] if instruction is not None else ""}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return (
+            camera_image(obs, self.camera),
+            float(reward.item()),
+            bool(terminated.item()),
+            bool(truncated.item()),
+            {"success": bool(info["success"].item())},
+        )
+
+
+def make_eval_env(
+    env_id: str, control_mode: str, image_size: int, camera: str, max_episode_steps: int | None = None
+) -> CameraEnv:
+    """make_env wrapped in CameraEnv; refuses an action space other than the 7-dim arm + gripper the mapping needs.
+
+    The scene is rebuilt at every reset (reconfiguration_freq=1, about 0.25 s): PhysX keeps contact caches across
+    resets, so that without it an episode of a task with compound objects (PullCubeTool's L-shaped tool,
+    PickObject's bowl) can differ in the 7th digit depending on which episodes the env ran before. With it an
+    episode depends only on its seed and actions, whichever worker runs it."""
+    env = make_env(env_id, control_mode, image_size, camera, max_episode_steps, reconfiguration_freq=1)
+    if env.action_space.shape != (7,):
+        env.close()
+        raise ValueError(
+            f"{env_id} with control_mode {control_mode} has actions of shape {list(env.action_space.shape)}; the "
+            f"evaluator drives a 7-dim end-effector delta + gripper (pd_ee_delta_pose on a Panda with a gripper)"
+        )
+    return CameraEnv(env, camera)
+
+
+def make_vector_env(
+    env_id: str, control_mode: str, image_size: int, camera: str, max_episode_steps: int | None, workers: int
+) -> gym.vector.VectorEnv:
+    """`workers` envs: one in this process (workers=1, SyncVectorEnv) or one per worker process (AsyncVectorEnv,
+    spawned: SAPIEN's renderer does not survive a fork). Autoreset is off: the evaluator resets each env itself,
+    with each episode's seed. AsyncVectorEnv first builds one env here for the spaces, so bad settings fail here."""
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    make = functools.partial(make_eval_env, env_id, control_mode, image_size, camera, max_episode_steps)
+    if workers == 1:
+        return gym.vector.SyncVectorEnv([make], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    return gym.vector.AsyncVectorEnv(
+        [make] * workers, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED
+    )

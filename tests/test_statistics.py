@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from datasets.atomic import write_json_atomic
 from datasets.statistics import (
     load_statistics,
     normalize,
@@ -12,7 +13,6 @@ from datasets.statistics import (
     summarize,
     to_norm_stats,
     unnormalize,
-    write_json_atomic,
 )
 
 
