@@ -13,7 +13,8 @@ $PY train.py experiment=quickstart | tee /tmp/quickstart-train.log
 CKPT="$(grep '^checkpoint: ' /tmp/quickstart-train.log | tail -1 | cut -d' ' -f2-)"
 
 echo "== serve $CKPT on port $PORT"
-$PY serve.py ckpt="$CKPT" host=127.0.0.1 port="$PORT" &
+mkdir -p outputs
+$PY serve.py ckpt="$CKPT" host=127.0.0.1 port="$PORT" > outputs/quickstart-serve.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 $PY -c "from serving import wait_for_server; wait_for_server('127.0.0.1', $PORT, timeout=180)"
@@ -28,3 +29,4 @@ echo "checkpoint:  $CKPT"
 echo "statistics:  $CKPT/dataset_statistics.json"
 echo "images:      $(dirname "$RESULTS")/images"
 echo "results:     $RESULTS"
+echo "server log:  outputs/quickstart-serve.log"
