@@ -107,7 +107,7 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
         key = getattr(source, field_name)
         if key is not None and key not in available:
             raise KeyError(f"{source.name}: {field_name}={key!r} is not a step feature of {path}; it has {available}")
-    action_shape = _feature(step_features, source.action_key).shape
+    action_shape = _get(step_features, source.action_key).shape
     if action_dim is not None and tuple(action_shape) != (action_dim,):
         raise ValueError(
             f"{source.name}: {source.action_key} has shape {tuple(action_shape)} in {path}, "
@@ -126,12 +126,6 @@ def _flatten_keys(features, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{name}")
     return keys
-
-
-def _feature(features, key: str):
-    for part in key.split("/"):
-        features = features[part]
-    return features
 
 
 def find_corrupt_shards(path: Path) -> list[str]:
@@ -154,10 +148,11 @@ def _raise_data_loss(sources: list[RLDSSource], error: Exception) -> None:
     raise error
 
 
-def _get(steps: dict, key: str) -> tf.Tensor:
+def _get(tree, key: str):
+    """tree["a"]["b"] for key "a/b": a step's tensors, or a step's tfds features."""
     for part in key.split("/"):
-        steps = steps[part]
-    return steps
+        tree = tree[part]
+    return tree
 
 
 def _episodes(builder: tfds.core.DatasetBuilder, split: str, shuffle: bool, seed: int) -> tf.data.Dataset:
@@ -246,25 +241,35 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
 # --------------------------------------------------------------------------------------------------------------- frames
 
 
+def _bounds_q99(stats: dict, mask: np.ndarray):
+    """In-graph twin of datasets.statistics.normalize (BOUNDS_Q99, min == max -> 0, unmasked dims untouched)."""
+    q01 = tf.constant(stats["q01"], tf.float32)
+    q99 = tf.constant(stats["q99"], tf.float32)
+    constant = tf.constant(np.asarray(stats["min"]) == np.asarray(stats["max"]))
+    tf_mask = tf.constant(mask)
+
+    def normalize_tf(x: tf.Tensor) -> tf.Tensor:
+        normed = tf.clip_by_value(2 * (x - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
+        return tf.where(tf_mask, tf.where(constant, 0.0, normed), x)
+
+    return normalize_tf
+
+
 def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
     """Returns a function episode -> dataset of frames, each with its action chunk [window, A] and pad mask."""
     mask = np.asarray(action_mask(source, cfg.action_dim))
     action_stats = stats["action"]
-    q01 = tf.constant(action_stats["q01"], tf.float32)
-    q99 = tf.constant(action_stats["q99"], tf.float32)
-    constant = tf.constant(np.asarray(action_stats["min"]) == np.asarray(action_stats["max"]))
+    normalize_action = _bounds_q99(action_stats, mask)
     tf_mask = tf.constant(mask)
     # Past the episode end: no motion (the normalized value of a raw zero) on normalized dims, last value elsewhere.
     pad_value = tf.constant(normalize(np.zeros(cfg.action_dim), {**action_stats, "mask": mask}))
-
-    def normalize_tf(x: tf.Tensor) -> tf.Tensor:
-        normed = tf.clip_by_value(2 * (x - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
-        normed = tf.where(constant, 0.0, normed)
-        return tf.where(tf_mask, normed, x)
+    normalize_state = None
+    if source.state_key and "proprio" in stats:
+        normalize_state = _bounds_q99(stats["proprio"], np.ones(len(stats["proprio"]["q01"]), bool))
 
     def to_frames(episode: dict) -> tf.data.Dataset:
         steps = episode["steps"]
-        action = normalize_tf(_actions(source, steps, cfg.action_dim))
+        action = normalize_action(_actions(source, steps, cfg.action_dim))
         length = tf.shape(action)[0]
         index_grid = tf.range(length)[:, None] + tf.range(cfg.window)[None, :]  # [T, W]
         pad_mask = index_grid < length
@@ -280,11 +285,8 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
         }
         if cfg.use_wrist_image and source.wrist_image_key:
             frame["wrist_image"] = _get(steps, source.wrist_image_key)
-        if source.state_key and "proprio" in stats:
-            state = tf.cast(_get(steps, source.state_key), tf.float32)
-            p01 = tf.constant(stats["proprio"]["q01"], tf.float32)
-            p99 = tf.constant(stats["proprio"]["q99"], tf.float32)
-            frame["state"] = tf.clip_by_value(2 * (state - p01) / (p99 - p01 + 1e-8) - 1, -1, 1)
+        if normalize_state is not None:
+            frame["state"] = normalize_state(tf.cast(_get(steps, source.state_key), tf.float32))
         return tf.data.Dataset.from_tensor_slices(frame)
 
     return to_frames
