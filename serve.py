@@ -23,7 +23,15 @@ def main(cfg: DictConfig) -> None:
 
     policy = load_policy(cfg.ckpt, device=cfg.device, unnorm_key=cfg.unnorm_key)
     server = PolicyServer(
-        policy, robot.observation_keys, unnorm_key=cfg.unnorm_key or ckpt_cfg.get("unnorm_key"), api_key=cfg.api_key
+        policy,
+        robot.observation_keys,
+        unnorm_key=cfg.unnorm_key or ckpt_cfg.get("unnorm_key"),
+        api_key=cfg.api_key,
+        max_batch_size=cfg.batching.max_batch_size,
+        max_wait_ms=cfg.batching.max_wait_ms,
+        workers=cfg.batching.workers,
+        max_message_bytes=int(cfg.max_message_mb * 2**20),
+        ensemble={"horizon": cfg.ensemble.horizon, "alpha": cfg.ensemble.alpha} if cfg.ensemble.enabled else None,
     )
 
     def on_ready(port: int) -> None:

@@ -92,11 +92,19 @@ def record_demos(task: str, count: int, work: Path, logs: Path) -> Path:
     return replayed
 
 
+def episode_budget(trajectory: Path) -> int:
+    """Evaluation steps per episode: 1.5x the 95th-percentile length of the task's demonstrations (motion planning
+    is slower than the envs' own 50-step limit allows)."""
+    lengths = [e["elapsed_steps"] for e in json.loads(trajectory.with_suffix(".json").read_text())["episodes"]]
+    return int(1.5 * sorted(lengths)[int(0.95 * (len(lengths) - 1))])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--demos", type=int, default=100, help="successful demonstrations per task")
-    parser.add_argument("--train-steps", type=int, default=4000)
+    parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
+    parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--work-dir", type=Path, default=REPO / "data" / "maniskill_e2e")
     parser.add_argument("--mini", action="store_true", help="2 demos of one task, 4 steps, 1 short episode")
@@ -135,7 +143,9 @@ def main() -> None:
 
     started = time.perf_counter()
     train_dir = work / "runs" / stamp
-    overrides = [f"max_steps={args.train_steps}", f"hydra.run.dir={train_dir}"]
+    overrides = [f"hydra.run.dir={train_dir}"]
+    if args.train_steps is not None:
+        overrides.append(f"max_steps={args.train_steps}")
     if args.mini:
         overrides += [
             "batch_size=4",
@@ -154,8 +164,9 @@ def main() -> None:
     wall["train_s"] = time.perf_counter() - started
 
     success: dict[str, dict] = {}
-    for task in args.tasks:
+    for task, trajectory in zip(args.tasks, trajectories, strict=True):
         started = time.perf_counter()
+        budget = 10 if args.mini else episode_budget(trajectory)
         stdout = run(
             [
                 sys.executable,
@@ -165,15 +176,17 @@ def main() -> None:
                 f"num_episodes={args.eval_episodes}",
                 f"seed={EVAL_SEED_OFFSET}",
                 "image_size=128",
+                f"max_steps={budget}",
+                f"workers={1 if args.mini else args.workers}",
                 f"hydra.run.dir={work / 'eval' / stamp / task}",
-                *(["max_steps=10"] if args.mini else []),
             ],
             logs / f"eval_{task}.log",
             env,
         )
         results = json.loads(Path(last_line_value(stdout, "results: ")).read_text())
         success[task] = {
-            k: results.get(k) for k in ("success_rate", "num_episodes", "successes", "success_interval_95")
+            **{k: results.get(k) for k in ("success_rate", "num_episodes", "successes", "success_rate_ci95")},
+            "max_steps": budget,
         }
         wall[f"eval_{task}_s"] = time.perf_counter() - started
 

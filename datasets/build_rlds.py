@@ -23,7 +23,6 @@ from pathlib import Path
 import cv2
 import h5py
 import numpy as np
-from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from datasets.builder import SPLIT_FIRST_TEMPLATE, EpisodeSchema, write_rlds
@@ -82,9 +81,9 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
             f"{traj_path} was recorded in {control_mode}; replay it first with "
             "`python -m mani_skill.trajectory.replay_trajectory -o rgb -c pd_ee_delta_pose --save-traj`"
         )
-    if instruction is None:
-        from sim.maniskill import default_prompt
+    from sim.maniskill import default_prompt, panda_state
 
+    if instruction is None:
         instruction = default_prompt(env_info.get("env_id", ""))
     with h5py.File(traj_path, "r") as f:
         for episode in meta["episodes"]:
@@ -98,12 +97,10 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
                 )
             actions = group["actions"][()].astype(np.float32)
             steps = len(actions)
-            tcp = group["obs/extra/tcp_pose"][()][:steps]
-            euler = Rotation.from_quat(tcp[:, [4, 5, 6, 3]]).as_euler("xyz")  # ManiSkill quaternions are wxyz
-            fingers = group["obs/agent/qpos"][()][:steps, -2:]
+            state = panda_state(group["obs/extra/tcp_pose"][()][:steps], group["obs/agent/qpos"][()][:steps])
             yield {
                 "image": group[f"obs/sensor_data/{camera}/rgb"][()][:steps],
-                "state": np.concatenate([tcp[:, :3], euler, fingers], axis=1).astype(np.float32),
+                "state": state,
                 "action": actions,
                 "reward": group["rewards"][()].astype(np.float32) if "rewards" in group else None,
                 "language_instruction": instruction,

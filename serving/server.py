@@ -7,20 +7,27 @@ Protocol (what openpi-client 0.1.2 speaks):
      {"actions": float32 [T, A], "status": "success", "server_timing": {"infer_ms", "prev_total_ms"}};
      as in openpi, prev_total_ms (the previous request's receive-to-reply time) is absent from a connection's
      first reply.
-  3. {"reset": true} calls policy.reset() and gets {"status": "reset"}.
-  4. A bad request (not msgpack, missing key, wrong shape, dtype, NaN) or a failed inference gets a TEXT frame that
-     names what was wrong and the expected form; unlike openpi the connection stays open and keeps serving.
+  3. {"reset": true} resets this connection's state (its action ensemble) and calls policy.reset(); the reply is
+     {"status": "reset"}. A new connection starts with fresh state.
+  4. A bad request (not msgpack, missing key, wrong shape, dtype, NaN, over max_message_bytes) or a failed inference
+     gets a TEXT frame that names what was wrong and the expected form; unlike openpi the connection stays open and
+     keeps serving. Only a frame over the transport's hard limit (4 x max_message_bytes, so that a client cannot make
+     the server buffer without bound) closes the connection, with code 1009.
   5. GET /healthz on the same port answers 200 "OK"; with an api_key, WebSocket connections without
      `Authorization: Api-Key <key>` are refused with 401 (/healthz stays open).
 
-Inference runs in one worker thread shared by all connections, so requests are served one at a time in arrival order
-while keepalive pings, /healthz and new connections are answered by the event loop. The policy is shared: a reset
-from one client resets it for all, so serve a stateful policy to one client at a time.
+Inference never runs on the event loop, so keepalive pings, /healthz and new connections are answered while a model
+computes. Requests from all connections go into one queue; a batcher hands `workers` threads batches of up to
+max_batch_size observations for one predict_action_batch call each: whatever queued while the previous batch ran
+(nothing is held back when the server is idle), plus what arrives within max_wait_ms. A batch that fails is re-run
+one request at a time, so a bad request fails alone. With `ensemble`, each connection keeps its own CogACT adaptive
+ensemble and the reply is the ensembled action for now, [1, A].
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import http
 import logging
@@ -31,6 +38,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from openpi_client import msgpack_numpy
@@ -38,6 +46,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from models.ensemble import AdaptiveEnsembler
 from models.policy import Observation, Policy
 from serving.observation import REQUIRED, ObservationError, adapt_observation, expected_form
 
@@ -50,8 +59,22 @@ class RequestError(Exception):
     """A request the server answers with a text frame; the connection stays open."""
 
 
+@dataclass
+class _Pending:
+    """One observation waiting for the batcher; `reply` gets (chunk [T, A], infer_ms, batch size) or an error."""
+
+    observation: Observation
+    reply: asyncio.Future
+
+
 class PolicyServer:
-    """Serves `policy` to openpi clients; `observation_keys` is robot.observation_keys (canonical -> client key)."""
+    """Serves `policy` to openpi clients; `observation_keys` is robot.observation_keys (canonical -> client key).
+
+    max_batch_size: observations per predict_action_batch call (1 disables batching). max_wait_ms: how long a batch
+    that is not full waits for more requests (0: take what is queued and go). workers: batches computed at once.
+    max_message_bytes: larger requests get a text frame. ensemble: {"horizon", "alpha"} for a per-connection
+    AdaptiveEnsembler, or None to reply with whole chunks.
+    """
 
     def __init__(
         self,
@@ -59,7 +82,23 @@ class PolicyServer:
         observation_keys: Mapping[str, str | None],
         unnorm_key: str | None = None,
         api_key: str | None = None,
+        *,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 0.0,
+        workers: int = 1,
+        max_message_bytes: int = 16 * 2**20,
+        ensemble: Mapping | None = None,
     ) -> None:
+        for name, value in (("max_batch_size", max_batch_size), ("workers", workers)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if max_wait_ms < 0 or max_message_bytes < 1:
+            raise ValueError(
+                f"max_wait_ms must be >= 0 and max_message_bytes >= 1, got {max_wait_ms}, {max_message_bytes}"
+            )
+        self.max_batch_size, self.max_wait_ms, self.workers = max_batch_size, max_wait_ms, workers
+        self.max_message_bytes = max_message_bytes
+        self.ensemble = dict(ensemble) if ensemble else None
         unmapped = [name for name in REQUIRED if not observation_keys.get(name)]
         if unmapped:
             raise ValueError(
@@ -75,23 +114,35 @@ class PolicyServer:
             "required_observation_keys": [self.observation_keys[name] for name in REQUIRED],
             "image_size": policy.image_size,
             "accepts_reset": True,  # openpi servers do not know {"reset": true}; clients check this before sending it
+            "reply_horizon": 1 if self.ensemble else policy.action_horizon,
         }
         self._expected = (
             f'Expected a binary msgpack-numpy map {expected_form(self.observation_keys)}, or {{"reset": true}}.'
         )
         self._executor: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
 
     async def serve(
         self, host: str, port: int, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
     ) -> None:
         """Listen on host:port (0: any free port) until `stop` is set; on_ready(bound_port) once accepting."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") as self._executor:
-            async with serve(
-                self._handle, host, port, compression=None, max_size=None, process_request=self._process_request
-            ) as server:
-                if on_ready is not None:
-                    on_ready(server.sockets[0].getsockname()[1])
-                await stop.wait()
+        self._queue = asyncio.Queue()
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="policy") as self._executor:
+            batcher = asyncio.create_task(self._batch_loop())
+            try:
+                async with serve(
+                    self._handle,
+                    host,
+                    port,
+                    compression=None,
+                    max_size=4 * self.max_message_bytes,
+                    process_request=self._process_request,
+                ) as server:
+                    if on_ready is not None:
+                        on_ready(server.sockets[0].getsockname()[1])
+                    await stop.wait()
+            finally:  # connections are closed and their handlers done: nothing waits on the batcher any more
+                batcher.cancel()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?")[0] == HEALTH_PATH:
@@ -107,12 +158,13 @@ class PolicyServer:
     async def _handle(self, connection: ServerConnection) -> None:
         logger.info("client %s connected", connection.remote_address)
         prev_total_ms: float | None = None
+        ensembler = AdaptiveEnsembler(**self.ensemble) if self.ensemble else None
         try:
             await connection.send(msgpack_numpy.packb(self.metadata))
             async for message in connection:
                 start = time.monotonic()
                 try:
-                    reply = await self._reply(message, prev_total_ms)
+                    reply = await self._reply(message, prev_total_ms, ensembler)
                 except RequestError as error:
                     await connection.send(str(error))
                     continue
@@ -122,9 +174,16 @@ class PolicyServer:
             pass
         logger.info("client %s disconnected", connection.remote_address)
 
-    async def _reply(self, message: str | bytes, prev_total_ms: float | None) -> dict:
+    async def _reply(
+        self, message: str | bytes, prev_total_ms: float | None, ensembler: AdaptiveEnsembler | None
+    ) -> dict:
         if isinstance(message, str):
             raise self._bad_request("got a text frame")
+        if len(message) > self.max_message_bytes:
+            raise self._bad_request(
+                f"the message has {len(message)} bytes, over this server's maximum of {self.max_message_bytes} "
+                f"(serve.py max_message_mb)"
+            )
         try:
             data = msgpack_numpy.unpackb(message)
         except Exception as error:  # msgpack and numpy raise many types on malformed input
@@ -132,17 +191,62 @@ class PolicyServer:
         if not isinstance(data, dict):
             raise self._bad_request(f"got a msgpack {type(data).__name__}, not a map")
         if data.get("reset") is True:
+            if ensembler is not None:
+                ensembler.reset()
             await self._in_worker("reset", self.policy.reset)
             return {"status": "reset"}
         try:
             observation = adapt_observation(data, self.observation_keys, self.policy.image_size)
         except ObservationError as error:
             raise self._bad_request(str(error)) from None
-        actions, infer_ms = await self._in_worker("inference", self._infer, observation)
-        timing = {"infer_ms": infer_ms}
+        assert self._queue is not None, "the server is not running"
+        pending = _Pending(observation, asyncio.get_running_loop().create_future())
+        await self._queue.put(pending)
+        actions, infer_ms, batch_size = await pending.reply
+        if ensembler is not None:
+            actions = ensembler(actions)[None].astype(np.float32)
+        timing = {"infer_ms": infer_ms, "batch_size": batch_size}
         if prev_total_ms is not None:
             timing["prev_total_ms"] = prev_total_ms
         return {"actions": actions, "status": "success", "server_timing": timing}
+
+    async def _batch_loop(self) -> None:
+        """Take what is queued (up to max_batch_size, waiting max_wait_ms for more) whenever a worker is free."""
+        loop, free = asyncio.get_running_loop(), asyncio.Semaphore(self.workers)
+        while True:
+            await free.acquire()
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_ms / 1000
+            while len(batch) < self.max_batch_size:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            batch = [pending for pending in batch if not pending.reply.done()]  # their clients left
+            if not batch:
+                free.release()
+                continue
+            observations = [pending.observation for pending in batch]
+            done = loop.run_in_executor(self._executor, self._infer_batch, observations)
+            done.add_done_callback(functools.partial(self._deliver, batch, free))
+
+    @staticmethod
+    def _deliver(batch: list[_Pending], free: asyncio.Semaphore, done: asyncio.Future) -> None:
+        free.release()
+        results = done.result() if done.exception() is None else [done.exception()] * len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            if pending.reply.done():
+                continue
+            if isinstance(result, BaseException):
+                pending.reply.set_exception(result)
+            else:
+                pending.reply.set_result((*result, len(batch)))
 
     def _bad_request(self, what: str) -> RequestError:
         return RequestError(f"bad request: {what}. {self._expected}")
@@ -158,15 +262,30 @@ class PolicyServer:
             logger.exception("%s failed", what)
             raise RequestError(f"{what} failed: {type(error).__name__}: {error}.") from None
 
-    def _infer(self, observation: Observation) -> tuple[np.ndarray, float]:
+    def _infer_batch(self, observations: list[Observation]) -> list[tuple[np.ndarray, float] | RequestError]:
+        """One predict_action_batch call (in a worker thread): per observation, (chunk, infer_ms) or the error to
+        send. A failed batch of several is re-run one by one so that only the request at fault fails."""
         start = time.monotonic()
-        chunks = np.asarray(self.policy.predict_action_batch([observation]))
+        try:
+            chunks = np.asarray(self.policy.predict_action_batch(observations))
+        except Exception as error:
+            if len(observations) > 1:
+                logger.warning("a batch of %d failed (%s); re-running it request by request", len(observations), error)
+                return [self._infer_batch([observation])[0] for observation in observations]
+            logger.exception("inference failed")
+            return [RequestError(f"inference failed: {type(error).__name__}: {error}.")]
         infer_ms = (time.monotonic() - start) * 1000
-        if chunks.ndim != 3 or chunks.shape[0] != 1:
-            raise RequestError(f"inference failed: the policy returned shape {list(chunks.shape)}, not [1, T, A].")
-        if not np.isfinite(chunks).all():
-            raise RequestError("inference failed: the policy returned NaN or inf actions.")
-        return chunks[0].astype(np.float32), infer_ms
+        if chunks.ndim != 3 or chunks.shape[0] != len(observations):
+            shape = list(chunks.shape)
+            return [
+                RequestError(f"inference failed: the policy returned {shape}, not [{len(observations)}, T, A].")
+            ] * len(observations)
+        return [
+            (chunk.astype(np.float32), infer_ms)
+            if np.isfinite(chunk).all()
+            else RequestError("inference failed: the policy returned NaN or inf actions.")
+            for chunk in chunks
+        ]
 
 
 def run_server(server: PolicyServer, host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:

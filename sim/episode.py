@@ -105,7 +105,7 @@ class _RunningEpisode:
     def __init__(
         self,
         result: EpisodeResult,
-        image: np.ndarray,
+        observation: dict,
         client: PolicyClient,
         execution: ChunkExecution,
         robot: Mapping,
@@ -113,7 +113,8 @@ class _RunningEpisode:
         settings: EvalSettings,
         fps: float,
     ) -> None:
-        self.result, self.image, self.client, self.execution, self.robot = result, image, client, execution, robot
+        self.result, self.client, self.execution, self.robot = result, client, execution, robot
+        self.observation = observation
         self.pending: deque[np.ndarray] = deque()
         self.latencies: list[float] = []
         self.reconnects_at_start = client.reconnects
@@ -130,7 +131,10 @@ class _RunningEpisode:
         if not self.pending:
             keys = self.robot["observation_keys"]
             start = time.perf_counter()
-            reply = self.client.infer({keys["image"]: self.image, keys["prompt"]: self.result.prompt})
+            message = {keys["image"]: self.observation["image"], keys["prompt"]: self.result.prompt}
+            if keys.get("state") and "state" in self.observation:
+                message[keys["state"]] = self.observation["state"]
+            reply = self.client.infer(message)
             self.latencies.append((time.perf_counter() - start) * 1000)
             self.pending.extend(self.execution(action_chunk(reply, self.execution.steps_per_chunk)))
         env_action, clipped = to_env_action(self.pending.popleft(), self.robot, low, high)
@@ -138,9 +142,9 @@ class _RunningEpisode:
         self.result.clipped_steps += clipped > 0
         return env_action
 
-    def record_step(self, image: np.ndarray, reward: float, done: bool, success: bool, max_steps: int) -> bool:
+    def record_step(self, observation: dict, reward: float, done: bool, success: bool, max_steps: int) -> bool:
         """Account one env step; True when the episode is over (done, or max_steps reached)."""
-        self.image = image
+        self.observation = observation
         self.result.steps += 1
         self.result.episode_return += float(reward)
         self.result.success |= bool(success)
@@ -169,14 +173,14 @@ class _RunningEpisode:
 
     def _record_frame(self) -> None:
         if self.video is not None:
-            self.video.append(self.image)
+            self.video.append(self.observation["image"])
         if self.image_prefix is not None and self.result.steps == 0:
             self.result.images.append(self._save_image())
 
     def _save_image(self) -> str:
         path = self.image_prefix.with_name(f"{self.image_prefix.name}_step{self.result.steps:03d}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        iio.imwrite(path, self.image)
+        iio.imwrite(path, self.observation["image"])
         return str(path)
 
 
@@ -232,6 +236,11 @@ class ResultsLog:
         self.progress.close()
 
 
+def _unbatch(obs: dict, k: int) -> dict:
+    """Env k's observation out of a vector env's batched {"image": [N, H, W, 3], "state": [N, S]}."""
+    return {key: value[k] for key, value in obs.items()}
+
+
 def evaluate(
     envs: gym.vector.VectorEnv,
     clients: Sequence[PolicyClient],
@@ -278,7 +287,7 @@ def evaluate(
                         raise ValueError("the task has no instruction of its own: pass a prompt")
                     result = EpisodeResult(episode=index, seed=seed, prompt=prompt, worker=k)
                     running[k] = _RunningEpisode(
-                        result, obs[k], clients[k], executions[k], robot, out_dir, settings, fps
+                        result, _unbatch(obs, k), clients[k], executions[k], robot, out_dir, settings, fps
                     )
                     try:
                         clients[k].reset()
@@ -301,7 +310,7 @@ def evaluate(
             for k, episode in enumerate(running):
                 done = bool(terminated[k] or truncated[k])
                 if episode is not None and episode.record_step(
-                    obs[k], reward[k], done, info["success"][k], settings.max_steps
+                    _unbatch(obs, k), reward[k], done, info["success"][k], settings.max_steps
                 ):
                     finish(k)
     finally:

@@ -1,5 +1,6 @@
 """ManiSkill3 environments for evaluation: CPU-rendered envs with square RGB cameras, wrapped as plain single envs
-(observation: one camera image) that gymnasium's vector envs can run in-process or one per worker process."""
+(observation: one camera image and the Panda's proprio state) that gymnasium's vector envs can run in-process or one
+per worker process."""
 
 from __future__ import annotations
 
@@ -33,6 +34,18 @@ TASK_PROMPTS = {
 EPISODE_PROMPT_TASKS = ("PickObject-v1",)
 # The Panda's wrist camera exists only on the panda_wristcam robot.
 CAMERA_ROBOTS = {"hand_camera": "panda_wristcam"}
+
+
+def panda_state(tcp_pose: np.ndarray, qpos: np.ndarray) -> np.ndarray:
+    """The proprio state the RLDS builder records and the evaluator sends, float32 [..., 8]: tcp position xyz, tcp
+    orientation as extrinsic xyz Euler angles, and the two finger joint positions. tcp_pose [..., 7] is ManiSkill's
+    raw pose (xyz + wxyz quaternion); qpos [..., 9] the arm's joints then the fingers."""
+    from scipy.spatial.transform import Rotation
+
+    tcp_pose, qpos = np.asarray(tcp_pose, np.float64), np.asarray(qpos, np.float64)
+    euler = Rotation.from_quat(tcp_pose[..., [4, 5, 6, 3]].reshape(-1, 4)).as_euler("xyz")
+    euler = euler.reshape(*tcp_pose.shape[:-1], 3)
+    return np.concatenate([tcp_pose[..., :3], euler, qpos[..., -2:]], axis=-1).astype(np.float32)
 
 
 def default_prompt(env_id: str) -> str:
@@ -134,32 +147,39 @@ def camera_image(obs: dict, camera: str) -> np.ndarray:
 
 
 class CameraEnv(gym.Wrapper):
-    """A single ManiSkill env as a plain gymnasium env for the evaluator: the observation is the camera image uint8
-    [H, W, 3]; reward is a float, terminated/truncated are bools; info is {"success": bool}, and after a reset also
-    {"prompt": str}: the episode's own instruction ("" for a task without one). metadata["render_fps"] is the control
-    frequency."""
+    """A single ManiSkill env as a plain gymnasium env for the evaluator: the observation is {"image": the camera
+    image uint8 [H, W, 3], "state": panda_state float32 [8]}; reward is a float, terminated/truncated are bools;
+    info is {"success": bool}, and after a reset also {"prompt": str}: the episode's own instruction ("" for a task
+    without one). metadata["render_fps"] is the control frequency."""
 
     def __init__(self, env: gym.Env, camera: str) -> None:
         super().__init__(env)
         self.camera = camera
         size = env.observation_space["sensor_data"][camera]["rgb"].shape[-3:]
-        self.observation_space = gym.spaces.Box(0, 255, size, np.uint8)
+        self.observation_space = gym.spaces.Dict(
+            image=gym.spaces.Box(0, 255, size, np.uint8), state=gym.spaces.Box(-np.inf, np.inf, (8,), np.float32)
+        )
         self.metadata = {**env.metadata, "render_fps": env.unwrapped.control_freq}
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         obs, _ = self.env.reset(seed=seed, options=options)
         instruction = getattr(self.env.unwrapped, "get_language_instruction", None)
-        return camera_image(obs, self.camera), {"prompt": instruction()[0] if instruction is not None else ""}
+        return self._observation(obs), {"prompt": instruction()[0] if instruction is not None else ""}
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         obs, reward, terminated, truncated, info = self.env.step(action)
         return (
-            camera_image(obs, self.camera),
+            self._observation(obs),
             float(reward.item()),
             bool(terminated.item()),
             bool(truncated.item()),
             {"success": bool(info["success"].item())},
         )
+
+    def _observation(self, obs: dict) -> dict:
+        agent = self.env.unwrapped.agent
+        state = panda_state(agent.tcp.pose.raw_pose[0].cpu().numpy(), agent.robot.get_qpos()[0].cpu().numpy())
+        return {"image": camera_image(obs, self.camera), "state": state}
 
 
 def make_eval_env(

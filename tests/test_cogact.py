@@ -176,3 +176,44 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypa
     assert (ckpt / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert '"step": 1' in (ckpt / "meta.json").read_text()
+
+
+def test_proprio_state_conditions_the_head_and_is_normalized_at_inference() -> None:
+    torch.manual_seed(0)
+    model = instantiate(_model_cfg(proprio_dim=3).model)
+    stats = _stats()
+    stats["toy"]["proprio"] = summarize(np.random.default_rng(1).uniform(-5, 5, size=(200, 3)))
+    model.set_statistics(stats)
+    batch = _batch(model)
+    with pytest.raises(ValueError, match=r"proprio state of 3 values"):
+        model.compute_loss(batch)
+    with pytest.raises(ValueError, match=r"expects \[batch, 3\]"):
+        model.compute_loss({**batch, "state": torch.zeros(2, 4)})
+
+    # The projector starts at zero, so the state changes nothing until it trains; then it moves the prediction.
+    model.eval()
+    predict = lambda states: model.predict_normalized(  # noqa: E731
+        batch["image"], batch["prompt"], states, generator=torch.Generator().manual_seed(0)
+    )
+    zero, ones = torch.zeros(2, 3), torch.ones(2, 3)
+    torch.testing.assert_close(predict(zero), predict(ones))
+    with torch.no_grad():  # the DiT's output layer starts at zero too, which blocks every gradient below it
+        model.action_model.net.final_layer.linear.weight.normal_(std=0.02)
+    loss, _ = model.compute_loss({**batch, "state": ones})
+    loss.backward()
+    assert model.proprio_projector.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.proprio_projector.weight.normal_()
+    assert not torch.allclose(predict(zero), predict(ones))
+
+    # Inference normalizes the raw state with the statistics' proprio entry (q01 -> -1, q99 -> +1).
+    raw = np.asarray(stats["toy"]["proprio"]["q99"], np.float32)
+    image = batch["image"][0].numpy()
+    torch.manual_seed(0)
+    chunk = model.predict_action(Observation(image=image, prompt=batch["prompt"][0], state=raw))
+    torch.manual_seed(0)
+    normalized = model.predict_normalized(batch["image"][:1], batch["prompt"][:1], ones[:1]).numpy()
+    from datasets.statistics import unnormalize
+
+    np.testing.assert_allclose(chunk, unnormalize(normalized, stats["toy"]["action"])[0], atol=1e-5)
+    assert model.metadata()["state_dim"] == 3

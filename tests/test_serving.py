@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ WAIT_S = 10.0  # generous bound for events that should happen within millisecond
 
 class FakePolicy(Policy):
     """Returns `action` (default [0, 1, ..., 6]) at every step of the chunk; blocks on `gate` when given; raises
-    for the prompt "explode"."""
+    when a batch holds the prompt "explode"."""
 
     def __init__(
         self,
@@ -49,14 +50,16 @@ class FakePolicy(Policy):
         self.action = np.arange(7, dtype=np.float32) if action is None else np.asarray(action, np.float32)
         self.entered = threading.Event()
         self.seen: list[Observation] = []
+        self.batch_sizes: list[int] = []
         self.resets = 0
 
     def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
         self.seen.extend(observations)
+        self.batch_sizes.append(len(observations))
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(WAIT_S), "the test never opened the gate"
-        if observations[0].prompt == "explode":
+        if any(o.prompt == "explode" for o in observations):
             raise ValueError("the fake policy exploded")
         return np.tile(self.action, (len(observations), self.action_horizon, 1))
 
@@ -167,6 +170,90 @@ def test_malformed_frames_get_text_frames(start_server: Callable[..., ServerThre
             assert isinstance(reply, str) and fragment in reply
         ws.send(msgpack_numpy.packb(_observation()))
         assert msgpack_numpy.unpackb(ws.recv(timeout=WAIT_S))["status"] == "success"
+
+
+def test_a_message_over_the_maximum_size_gets_a_text_frame(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(FakePolicy(), max_message_bytes=20_000)
+    client = WebsocketClientPolicy("127.0.0.1", server.port)
+    with pytest.raises(RuntimeError, match=r"has \d+ bytes, over this server's maximum of 20000"):
+        client.infer(_observation(height=100, width=100))  # 30 kB of pixels
+    assert client.infer(_observation())["status"] == "success", "the same connection keeps serving"
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)  # polling interval
+
+
+def _concurrent_replies(server: ServerThread, policy: FakePolicy, gate: threading.Event, prompts: list[str]) -> list:
+    """The first prompt's request blocks the policy; the others queue behind it; then the gate opens."""
+    replies: list = [None] * len(prompts)
+
+    def ask(i: int) -> None:
+        try:
+            replies[i] = WebsocketClientPolicy("127.0.0.1", server.port).infer(_observation(prompt=prompts[i]))
+        except RuntimeError as error:
+            replies[i] = error
+
+    threads = [threading.Thread(target=ask, args=(0,))]
+    threads[0].start()
+    assert policy.entered.wait(WAIT_S)
+    threads += [threading.Thread(target=ask, args=(i,)) for i in range(1, len(prompts))]
+    for thread in threads[1:]:
+        thread.start()
+    _wait_until(lambda: server.server._queue.qsize() == len(prompts) - 1, "the other requests are queued")
+    gate.set()
+    for thread in threads:
+        thread.join(WAIT_S)
+    return replies
+
+
+def test_requests_that_queue_during_an_inference_share_the_next_forward_pass(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    gate = threading.Event()
+    policy = FakePolicy(gate=gate)
+    server = start_server(policy)
+    replies = _concurrent_replies(server, policy, gate, ["push the cube"] * 5)
+    assert policy.batch_sizes == [1, 4]
+    assert sorted(r["server_timing"]["batch_size"] for r in replies) == [1, 4, 4, 4, 4]
+    assert all(r["actions"].shape == (4, 7) for r in replies)
+
+    gate = threading.Event()
+    policy = FakePolicy(gate=gate)
+    unbatched = start_server(policy, max_batch_size=1)
+    _concurrent_replies(unbatched, policy, gate, ["push the cube"] * 3)
+    assert policy.batch_sizes == [1, 1, 1]
+
+
+def test_a_failing_request_in_a_batch_fails_alone(start_server: Callable[..., ServerThread]) -> None:
+    gate = threading.Event()
+    policy = FakePolicy(gate=gate)
+    server = start_server(policy)
+    replies = _concurrent_replies(server, policy, gate, ["push the cube", "push", "explode", "pick"])
+    assert isinstance(replies[2], RuntimeError) and "the fake policy exploded" in str(replies[2])
+    assert all(replies[i]["status"] == "success" for i in (0, 1, 3))
+    assert policy.batch_sizes[:2] == [1, 3] and sorted(policy.batch_sizes[2:]) == [1, 1, 1]
+
+
+def test_the_action_ensemble_is_kept_per_connection(start_server: Callable[..., ServerThread]) -> None:
+    class Counting(FakePolicy):
+        """Call n predicts the value n at every step and dimension."""
+
+        def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
+            self.action = np.full(7, len(self.batch_sizes), np.float32)
+            return super().predict_action_batch(observations)
+
+    server = start_server(Counting(), ensemble={"horizon": 4, "alpha": 0.0})
+    first, second = (WebsocketClientPolicy("127.0.0.1", server.port) for _ in range(2))
+    assert first.get_server_metadata()["reply_horizon"] == 1
+    assert first.infer(_observation())["actions"].tolist() == [[0.0] * 7]
+    assert first.infer(_observation())["actions"].tolist() == [[0.5] * 7], "the mean of calls 0 and 1 (alpha 0)"
+    assert second.infer(_observation())["actions"].tolist() == [[2.0] * 7], "a new connection starts afresh"
+    assert first.infer({"reset": True}) == {"status": "reset"}
+    assert first.infer(_observation())["actions"].tolist() == [[3.0] * 7], "reset forgets the history"
 
 
 def test_api_key_is_required_when_set(start_server: Callable[..., ServerThread]) -> None:

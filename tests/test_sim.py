@@ -174,7 +174,9 @@ class CountingEnv(gym.Env):
     metadata = {"render_fps": 20}  # noqa: RUF012
 
     def __init__(self, length: int = 6, prompt: str = "") -> None:
-        self.observation_space = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(
+            image=gym.spaces.Box(0, 255, (8, 8, 3), np.uint8), state=gym.spaces.Box(-9, 9, (2,), np.float32)
+        )
         self.action_space = gym.spaces.Box(-1, 1, (7,), np.float32)
         self.length, self.prompt = length, prompt
         self.actions: list[np.ndarray] = []
@@ -182,13 +184,16 @@ class CountingEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         self.steps = 0
-        return np.zeros((8, 8, 3), np.uint8), {"prompt": f"{self.prompt}{seed}" if self.prompt else ""}
+        return self._observation(), {"prompt": f"{self.prompt}{seed}" if self.prompt else ""}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         self.actions.append(np.array(action))
         self.steps += 1
-        image = np.full((8, 8, 3), self.steps, np.uint8)
-        return image, float(action[0]), self.steps >= self.length, False, {"success": bool(action[0] > 0.9)}
+        success = bool(action[0] > 0.9)
+        return self._observation(), float(action[0]), self.steps >= self.length, False, {"success": success}
+
+    def _observation(self) -> dict:
+        return {"image": np.full((8, 8, 3), self.steps, np.uint8), "state": np.array([self.steps, -1], np.float32)}
 
 
 class ScriptedClient:
@@ -236,6 +241,18 @@ def test_evaluate_executes_k_of_t_and_writes_outputs(tmp_path: Path) -> None:
     assert saved == json.loads(json.dumps(results))
     assert saved["config"] == {"env_id": "fake"} and saved["success_rate"] == 0.0
     assert saved["success_rate_ci95"] == pytest.approx(list(wilson_interval(0, 2)))
+
+
+def test_evaluate_sends_the_state_only_under_the_robots_state_key(tmp_path: Path) -> None:
+    settings = EvalSettings(num_episodes=1, max_steps=6, execute_steps=3, prompt="push")
+    without = ScriptedClient()
+    evaluate(_fake_envs(length=6)[0], [without], ROBOT, settings, tmp_path / "a", {})
+    assert all(set(call) == {"image", "prompt"} for call in without.calls)
+
+    robot = OmegaConf.merge(ROBOT, {"observation_keys": {"state": "observation/state"}})
+    client = ScriptedClient()
+    evaluate(_fake_envs(length=6)[0], [client], robot, settings, tmp_path / "b", {})
+    assert [call["observation/state"].tolist() for call in client.calls] == [[0, -1], [3, -1]]
 
 
 def test_evaluate_with_the_ensemble_queries_every_step(tmp_path: Path) -> None:
@@ -375,8 +392,11 @@ def renderer() -> Iterator[None]:
 def test_every_listed_task_builds_and_resets_here(env_id: str) -> None:
     env = make_eval_env(env_id, ROBOT.control_mode, 64, ROBOT.camera, max_episode_steps=5)
     try:
-        image, info = env.reset(seed=0)
+        observation, info = env.reset(seed=0)
+        image, state = observation["image"], observation["state"]
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 0
+        assert state.shape == (8,) and state.dtype == np.float32 and np.isfinite(state).all()
+        assert 0 <= state[6] <= 0.05 and 0 <= state[7] <= 0.05, "finger joint positions in metres"
         assert bool(info["prompt"]) == (env_id in EPISODE_PROMPT_TASKS)
         _, reward, terminated, truncated, info = env.step(np.zeros(7, np.float32))
         assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)

@@ -28,7 +28,7 @@ def validate(
             break
         loss, _ = model.compute_loss(batch)
         losses.append(loss.item())
-        sample = model.predict_normalized(batch["image"], batch["prompt"], generator=generator)
+        sample = model.predict_normalized(batch["image"], batch["prompt"], batch.get("state"), generator=generator)
         predicted.append(sample[:, 0].float().cpu().numpy())  # the action for the current step
         true.append(batch["action"][:, 0].float().numpy())
         dataset_index.append(batch["dataset_index"].numpy())

@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import torch
 
-from datasets.statistics import select_statistics, unnormalize
+from datasets.statistics import normalize, select_statistics, unnormalize
 from models.cogact.action_model import ActionModel
 from models.cogact.llm import LlamaBackbone
 from models.cogact.vision import DinoSigLIPBackbone, FusedMLPProjector
@@ -24,6 +24,8 @@ class CogACT(Policy):
     repeated_diffusion_steps: noise draws per sample in the loss (CogACT: 4). cfg_scale: classifier-free guidance
     at inference (1.0 disables it). ddim_steps: DDIM sampling steps. use_ema: keep an EMA copy of the action head
     (`ema_diffusion`) and sample with it. pretrained: an official CogACT checkpoint (Hub id or local run dir).
+    proprio_dim: when set, the normalized proprio state [S] (batch["state"]) enters through `proprio_projector`, a
+    zero-initialised linear map added to the cognition feature; official CogACT has none (null).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class CogACT(Policy):
         ema_decay: float = 0.9999,
         gradient_checkpointing: bool = False,
         pretrained: str | None = None,
+        proprio_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -59,6 +62,12 @@ class CogACT(Policy):
             future_action_window_size=future_action_window_size,
             **action_model,
         )
+        self.proprio_dim = proprio_dim
+        self.proprio_projector = None
+        if proprio_dim:
+            self.proprio_projector = torch.nn.Linear(proprio_dim, self.llm_backbone.hidden_size)
+            torch.nn.init.zeros_(self.proprio_projector.weight)
+            torch.nn.init.zeros_(self.proprio_projector.bias)
         self.ema_diffusion = None
         if use_ema:
             self.ema_diffusion = copy.deepcopy(self.action_model).requires_grad_(False)
@@ -101,6 +110,21 @@ class CogACT(Policy):
         last = patches.shape[1] + text_mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
 
+    def condition(self, images: torch.Tensor, prompts: list[str], states: torch.Tensor | None) -> torch.Tensor:
+        """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state when configured."""
+        condition = self.cognition_features(images.to(self.device), prompts)
+        if self.proprio_projector is None:
+            return condition
+        if states is None:
+            raise ValueError(
+                f"this model takes a proprio state of {self.proprio_dim} values (model.proprio_dim) and got none: "
+                f"the dataset needs a state_key, and clients must send the robot's observation_keys.state"
+            )
+        states = states.to(self.device, condition.dtype)
+        if states.shape != (condition.shape[0], self.proprio_dim):
+            raise ValueError(f"states are {list(states.shape)}, the model expects [batch, {self.proprio_dim}]")
+        return condition + self.proprio_projector(states).unsqueeze(1)
+
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
         if actions.shape[1:] != (self.action_horizon, self.action_dim):
@@ -108,7 +132,7 @@ class CogACT(Policy):
                 f"batch actions are {tuple(actions.shape[1:])}, the model expects "
                 f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
             )
-        condition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
+        condition = self.condition(batch["image"], batch["prompt"], batch.get("state"))
         repeats = self.repeated_diffusion_steps
         loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1))
         return loss, {"loss": loss.detach()}
@@ -122,10 +146,14 @@ class CogACT(Policy):
 
     @torch.no_grad()
     def predict_normalized(
-        self, images: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        states: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Normalized action chunks [B, T, A]."""
-        condition = self.cognition_features(images.to(self.device), prompts)
+        """Normalized action chunks [B, T, A]; states are normalized proprio [B, S] (used when proprio_dim is set)."""
+        condition = self.condition(images, prompts, states)
         head = self.ema_diffusion if self.ema_diffusion is not None else self.action_model
         return head.sample(condition, self.cfg_scale, self.ddim_steps, generator=generator)
 
@@ -133,10 +161,16 @@ class CogACT(Policy):
     def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
         if self.statistics is None:
             raise RuntimeError("no dataset statistics set: load the model with models.load_policy(ckpt_dir)")
-        images = torch.from_numpy(np.stack([o.image for o in observations]))
-        normalized = self.predict_normalized(images, [o.prompt for o in observations]).float().cpu().numpy()
         _, entry = select_statistics(self.statistics, self.unnorm_key)
+        images = torch.from_numpy(np.stack([o.image for o in observations]))
+        states = None
+        if self.proprio_projector is not None and all(o.state is not None for o in observations):
+            if "proprio" not in entry:
+                raise RuntimeError(f"statistics {self.unnorm_key!r} have no proprio entry to normalize states with")
+            states = torch.from_numpy(normalize(np.stack([o.state for o in observations]), entry["proprio"]))
+        prompts = [o.prompt for o in observations]
+        normalized = self.predict_normalized(images, prompts, states).float().cpu().numpy()
         return unnormalize(normalized, entry["action"])
 
     def metadata(self) -> dict:
-        return {**super().metadata(), "unnorm_key": self.unnorm_key}
+        return {**super().metadata(), "unnorm_key": self.unnorm_key, "state_dim": self.proprio_dim}
