@@ -1,4 +1,5 @@
-"""Named action standardization transforms, applied per episode to the raw action tensor [T, A].
+"""Named action standardization transforms, applied to raw action tensors [T, A]: one episode's steps when frames
+are made, the steps of several episodes concatenated in the statistics pass, so a transform treats each step alone.
 
 Datasets name one in their YAML (`action_transform: libero_gripper`); a user whose data needs something else adds a
 function here with `@register_action_transform("name")`.
