@@ -297,6 +297,26 @@ def _bounds_q99(stats: dict, mask: np.ndarray):
     return normalize_tf
 
 
+def _pruner(source: RLDSSource, cfg: LoaderConfig):
+    """episode -> {"steps": only the step features frames use}, nested as in the dataset (the wrist camera only when
+    used): an unused camera would otherwise sit in the episode shuffle and interleave buffers."""
+    keys = [source.image_key, source.action_key, source.language_key, source.state_key]
+    if cfg.use_wrist_image:
+        keys.append(source.wrist_image_key)
+
+    def prune(episode: dict) -> dict:
+        kept: dict = {}
+        for key in filter(None, keys):
+            *parents, leaf = key.split("/")
+            node = kept
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = _get(episode["steps"], key)
+        return {"steps": kept}
+
+    return prune
+
+
 def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
     """Returns a function episode -> dataset of frames, each with its action chunk [window, A] and pad mask."""
     mask = np.asarray(action_mask(source, cfg.action_dim))
@@ -405,6 +425,7 @@ def make_frame_dataset(
         builder = open_builder(source, cfg.action_dim)
         split_for_rank = tfds.even_splits(tfds_split, n=world_size, drop_remainder=False)[rank]
         episodes = _episodes(builder, split_for_rank, shuffle=train, seed=cfg.seed + index)
+        episodes = episodes.map(_pruner(source, cfg))  # buffers below hold only what frames are made of
         to_frames = _frames(source, statistics[source.key], cfg, index)
         if train:
             episodes = episodes.repeat().shuffle(cfg.episode_shuffle_buffer, seed=cfg.seed + index)
