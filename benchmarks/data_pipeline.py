@@ -351,7 +351,9 @@ def headline(loaders: dict, statistics: dict) -> dict[str, float]:
         "frames_per_s_aug_on": loaders["aug on"]["frames_per_s"],
         "frames_per_s_aug_off": loaders["aug off"]["frames_per_s"],
         "peak_rss_gb_aug_on": loaders["aug on"]["peak_rss_mb"] / 1e3,
-        "statistics_transitions_per_s": statistics["transitions_per_s"],
+        # The streaming pass itself; the first call in a fresh process adds a fixed ~0.5 s (TF start-up, dataset open,
+        # graph tracing), printed beside it.
+        "statistics_transitions_per_s": statistics["transitions_per_s_second_call"],
     }
 
 

@@ -44,30 +44,32 @@ def last_line_value(stdout: str, prefix: str) -> str:
     return lines[-1].removeprefix(prefix).strip()
 
 
-def record_demos(task: str, count: int, work: Path, logs: Path) -> Path:
-    """Motion-planning demos, replayed into pd_ee_delta_pose with RGB observations; returns the .h5 path."""
+def record_demos(task: str, count: int, work: Path, logs: Path, envs: int = 1) -> Path:
+    """`count` motion-planning demos (pd_joint_pos), replayed into pd_ee_delta_pose with RGB observations by `envs`
+    processes; returns the replayed .h5 path. Stages whose output exists are skipped."""
     out = work / "demos" / task
     if not list(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")):
-        run(
-            [
-                sys.executable,
-                "-m",
-                "mani_skill.examples.motionplanning.panda.run",
-                "-e",
-                task,
-                "-n",
-                str(count),
-                "--only-count-success",
-                "-b",
-                "cpu",
-                "--record-dir",
-                str(work / "demos"),
-                "--traj-name",
-                task,
-            ],
-            logs / f"record_{task}.log",
-        )
-        (source,) = (work / "demos" / task / "motionplanning").glob(f"{task}.h5")
+        source = work / "demos" / task / "motionplanning" / f"{task}.h5"
+        if not source.is_file():
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mani_skill.examples.motionplanning.panda.run",
+                    "-e",
+                    task,
+                    "-n",
+                    str(count),
+                    "--only-count-success",
+                    "-b",
+                    "cpu",
+                    "--record-dir",
+                    str(work / "demos"),
+                    "--traj-name",
+                    task,
+                ],
+                logs / f"record_{task}.log",
+            )
         run(
             [
                 sys.executable,
@@ -82,6 +84,10 @@ def record_demos(task: str, count: int, work: Path, logs: Path) -> Path:
                 "-b",
                 "physx_cpu",
                 "--save-traj",
+                "--count",
+                str(count),
+                "-n",
+                str(envs),
             ],
             logs / f"replay_{task}.log",
         )
@@ -90,6 +96,11 @@ def record_demos(task: str, count: int, work: Path, logs: Path) -> Path:
             path.rename(out / path.name)
     (replayed,) = out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")
     return replayed
+
+
+def demo_counts(trajectory: Path) -> dict:
+    episodes = json.loads(trajectory.with_suffix(".json").read_text())["episodes"]
+    return {"episodes": len(episodes), "steps": sum(e["elapsed_steps"] for e in episodes)}
 
 
 def episode_budget(trajectory: Path) -> int:
@@ -103,6 +114,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--demos", type=int, default=100, help="successful demonstrations per task")
+    parser.add_argument(
+        "--task-demos", nargs="*", default=[], metavar="TASK=N", help="per-task demonstration counts over --demos"
+    )
+    parser.add_argument("--replay-envs", type=int, default=os.cpu_count() or 1, help="processes replaying demos")
     parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
     parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
     parser.add_argument("--eval-episodes", type=int, default=50)
@@ -118,7 +133,10 @@ def main() -> None:
     wall: dict[str, float] = {}
 
     started = time.perf_counter()
-    trajectories = [record_demos(task, args.demos, work, logs) for task in args.tasks]
+    counts = {task: args.demos for task in args.tasks}
+    counts.update({task: int(n) for task, n in (item.split("=") for item in args.task_demos)})
+    envs = 1 if args.mini else args.replay_envs
+    trajectories = [record_demos(task, counts[task], work, logs, envs) for task in args.tasks]
     wall["demonstrations_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -197,6 +215,7 @@ def main() -> None:
         "git_revision": git_revision(),
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "demonstrations": {task: demo_counts(t) for task, t in zip(args.tasks, trajectories, strict=True)},
         "checkpoint": checkpoint,
         "wall_time_s": wall,
         "success": success,

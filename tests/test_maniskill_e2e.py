@@ -35,3 +35,4 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     (stats,) = (tmp_path / "runs").glob("*/dataset_statistics.json")
     entry = json.loads(stats.read_text())["maniskill_e2e"]
     assert entry["num_trajectories"] == 2 and entry["action"]["mask"] == [True] * 6 + [False]
+    assert len(entry["proprio"]["q01"]) == 8, "the Panda state (tcp pose, fingers) is recorded and normalized"
