@@ -19,7 +19,8 @@ Protocol (what openpi-client 0.1.2 speaks):
 Inference never runs on the event loop, so keepalive pings, /healthz and new connections are answered while a model
 computes. Requests from all connections go into one queue; a batcher hands `workers` threads batches of up to
 max_batch_size observations for one predict_action_batch call each: whatever queued while the previous batch ran
-(nothing is held back when the server is idle), plus what arrives within max_wait_ms. A batch that fails is re-run
+(nothing is held back when the server is idle), plus what arrives within max_wait_ms from connections that could
+still send one (a connection has one request at a time, so a lone client never waits). A batch that fails is re-run
 one request at a time, so a bad request fails alone. With `ensemble`, each connection keeps its own CogACT adaptive
 ensemble and the reply is the ensembled action for now, [1, A].
 """
@@ -71,7 +72,8 @@ class PolicyServer:
     """Serves `policy` to openpi clients; `observation_keys` is robot.observation_keys (canonical -> client key).
 
     max_batch_size: observations per predict_action_batch call (1 disables batching). max_wait_ms: how long a batch
-    that is not full waits for more requests (0: take what is queued and go). workers: batches computed at once.
+    waits for requests from connected clients that have none queued or computing (0: take what is queued and go).
+    workers: batches computed at once.
     max_message_bytes: larger requests get a text frame. ensemble: {"horizon", "alpha"} for a per-connection
     AdaptiveEnsembler, or None to reply with whole chunks.
     """
@@ -84,7 +86,7 @@ class PolicyServer:
         api_key: str | None = None,
         *,
         max_batch_size: int = 16,
-        max_wait_ms: float = 0.0,
+        max_wait_ms: float = 5.0,
         workers: int = 1,
         max_message_bytes: int = 16 * 2**20,
         ensemble: Mapping | None = None,
@@ -121,6 +123,8 @@ class PolicyServer:
         )
         self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
+        self._connections = 0  # open WebSocket connections
+        self._computing = 0  # requests in batches handed to workers
 
     async def serve(
         self, host: str, port: int, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
@@ -159,6 +163,7 @@ class PolicyServer:
         logger.info("client %s connected", connection.remote_address)
         prev_total_ms: float | None = None
         ensembler = AdaptiveEnsembler(**self.ensemble) if self.ensemble else None
+        self._connections += 1
         try:
             await connection.send(msgpack_numpy.packb(self.metadata))
             async for message in connection:
@@ -172,6 +177,8 @@ class PolicyServer:
                 prev_total_ms = None if reply["status"] == "reset" else (time.monotonic() - start) * 1000
         except ConnectionClosed:
             pass
+        finally:
+            self._connections -= 1
         logger.info("client %s disconnected", connection.remote_address)
 
     async def _reply(
@@ -221,6 +228,8 @@ class PolicyServer:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
                     continue
+                if len(batch) >= self._connections - self._computing:
+                    break  # every other connection's request is already computing: nobody else can send now
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -233,11 +242,12 @@ class PolicyServer:
                 free.release()
                 continue
             observations = [pending.observation for pending in batch]
+            self._computing += len(batch)
             done = loop.run_in_executor(self._executor, self._infer_batch, observations)
             done.add_done_callback(functools.partial(self._deliver, batch, free))
 
-    @staticmethod
-    def _deliver(batch: list[_Pending], free: asyncio.Semaphore, done: asyncio.Future) -> None:
+    def _deliver(self, batch: list[_Pending], free: asyncio.Semaphore, done: asyncio.Future) -> None:
+        self._computing -= len(batch)
         free.release()
         results = done.result() if done.exception() is None else [done.exception()] * len(batch)
         for pending, result in zip(batch, results, strict=True):

@@ -228,6 +228,17 @@ def test_requests_that_queue_during_an_inference_share_the_next_forward_pass(
     assert policy.batch_sizes == [1, 1, 1]
 
 
+def test_a_lone_client_never_waits_for_a_batch_to_fill(start_server: Callable[..., ServerThread]) -> None:
+    policy = FakePolicy()
+    server = start_server(policy, max_wait_ms=3_600_000)  # an hour: any wait for a second request would show
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{server.port}", compression=None, max_size=None) as ws:
+        ws.recv(timeout=WAIT_S)
+        for _ in range(3):
+            ws.send(msgpack_numpy.packb(_observation()))
+            assert msgpack_numpy.unpackb(ws.recv(timeout=WAIT_S))["server_timing"]["batch_size"] == 1
+    assert policy.batch_sizes == [1, 1, 1]
+
+
 def test_a_failing_request_in_a_batch_fails_alone(start_server: Callable[..., ServerThread]) -> None:
     gate = threading.Event()
     policy = FakePolicy(gate=gate)
