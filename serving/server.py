@@ -87,7 +87,7 @@ class PolicyServer:
         *,
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
-        workers: int = 1,
+        workers: int = 2,
         max_message_bytes: int = 16 * 2**20,
         ensemble: Mapping | None = None,
     ) -> None:

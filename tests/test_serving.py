@@ -34,8 +34,8 @@ WAIT_S = 10.0  # generous bound for events that should happen within millisecond
 
 
 class FakePolicy(Policy):
-    """Returns `action` (default [0, 1, ..., 6]) at every step of the chunk; blocks on `gate` when given; raises
-    when a batch holds the prompt "explode"."""
+    """Returns `action` (default [0, 1, ..., 6]) at every step of the chunk; blocks on `gate` when given (only batches
+    holding `gate_prompt` when that is set); raises when a batch holds the prompt "explode"."""
 
     def __init__(
         self,
@@ -43,10 +43,11 @@ class FakePolicy(Policy):
         image_size: int = 32,
         gate: threading.Event | None = None,
         action: np.ndarray | None = None,
+        gate_prompt: str | None = None,
     ) -> None:
         super().__init__()
         self.action_dim, self.action_horizon, self.image_size = 7, horizon, image_size
-        self.gate = gate
+        self.gate, self.gate_prompt = gate, gate_prompt
         self.action = np.arange(7, dtype=np.float32) if action is None else np.asarray(action, np.float32)
         self.entered = threading.Event()
         self.seen: list[Observation] = []
@@ -57,7 +58,9 @@ class FakePolicy(Policy):
         self.seen.extend(observations)
         self.batch_sizes.append(len(observations))
         self.entered.set()
-        if self.gate is not None:
+        if self.gate is not None and (
+            self.gate_prompt is None or any(o.prompt == self.gate_prompt for o in observations)
+        ):
             assert self.gate.wait(WAIT_S), "the test never opened the gate"
         if any(o.prompt == "explode" for o in observations):
             raise ValueError("the fake policy exploded")
@@ -215,7 +218,7 @@ def test_requests_that_queue_during_an_inference_share_the_next_forward_pass(
 ) -> None:
     gate = threading.Event()
     policy = FakePolicy(gate=gate)
-    server = start_server(policy)
+    server = start_server(policy, workers=1, max_wait_ms=0)
     replies = _concurrent_replies(server, policy, gate, ["push the cube"] * 5)
     assert policy.batch_sizes == [1, 4]
     assert sorted(r["server_timing"]["batch_size"] for r in replies) == [1, 4, 4, 4, 4]
@@ -223,7 +226,7 @@ def test_requests_that_queue_during_an_inference_share_the_next_forward_pass(
 
     gate = threading.Event()
     policy = FakePolicy(gate=gate)
-    unbatched = start_server(policy, max_batch_size=1)
+    unbatched = start_server(policy, max_batch_size=1, workers=1)
     _concurrent_replies(unbatched, policy, gate, ["push the cube"] * 3)
     assert policy.batch_sizes == [1, 1, 1]
 
@@ -242,7 +245,7 @@ def test_a_lone_client_never_waits_for_a_batch_to_fill(start_server: Callable[..
 def test_a_failing_request_in_a_batch_fails_alone(start_server: Callable[..., ServerThread]) -> None:
     gate = threading.Event()
     policy = FakePolicy(gate=gate)
-    server = start_server(policy)
+    server = start_server(policy, workers=1, max_wait_ms=0)
     replies = _concurrent_replies(server, policy, gate, ["push the cube", "push", "explode", "pick"])
     assert isinstance(replies[2], RuntimeError) and "the fake policy exploded" in str(replies[2])
     assert all(replies[i]["status"] == "success" for i in (0, 1, 3))
@@ -297,6 +300,31 @@ def test_server_stays_responsive_during_slow_inference(start_server: Callable[..
         gate.set()
         slow.join(WAIT_S)
     assert replies[0]["actions"].shape == (4, 7)
+
+
+def test_a_second_worker_answers_other_clients_while_a_slow_batch_computes(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    gate = threading.Event()
+    policy = FakePolicy(gate=gate, gate_prompt="slow")
+    server = start_server(policy)  # the default two workers
+    replies: list[dict] = []
+    slow = threading.Thread(
+        target=lambda: replies.append(
+            WebsocketClientPolicy("127.0.0.1", server.port).infer(_observation(prompt="slow"))
+        )
+    )
+    slow.start()
+    try:
+        assert policy.entered.wait(WAIT_S)
+        other = WebsocketClientPolicy("127.0.0.1", server.port).infer(_observation(prompt="fast"))
+        assert other["status"] == "success" and other["server_timing"]["batch_size"] == 1
+        assert not replies, "the slow batch is still blocked"
+    finally:
+        gate.set()
+        slow.join(WAIT_S)
+    assert replies[0]["status"] == "success"
+    assert policy.batch_sizes == [1, 1]
 
 
 def test_client_leaving_mid_inference_leaves_server_healthy(start_server: Callable[..., ServerThread]) -> None:
