@@ -6,7 +6,7 @@
 Scenarios, every request a 224 px uint8 image and a prompt:
   - no-op policy (server overhead alone) and cogact_tiny (random weights), 1, 4 and 16 concurrent clients: p50/p99
     round trip and requests/s; cogact_tiny with the default batching (max_wait_ms=5), with no wait (max_wait_ms=0)
-    and with batching off (max_batch_size=1), so the batching gain shows;
+    and one request at a time (max_batch_size=1, workers=1), so the batching gain shows;
   - a slow request (3 s inference) from one client while a second client measures /healthz, a new connection's
     metadata, and its own (fast) inference, with one and with two inference workers;
   - failed requests over every scenario (target: none).
@@ -186,7 +186,11 @@ def main() -> None:
         for clients, requests in noop_requests.items():
             rows.append({"policy": "no-op", "batching": "on", **load(server.port, clients, requests)})
             print(rows[-1], flush=True)
-    for batching, options in (("on", {}), ("on, no wait", {"max_wait_ms": 0}), ("off", {"max_batch_size": 1})):
+    for batching, options in (
+        ("on", {}),
+        ("on, no wait", {"max_wait_ms": 0}),
+        ("off", {"max_batch_size": 1, "workers": 1}),
+    ):
         with Server("tiny", **options) as server:
             for clients, requests in tiny_requests.items():
                 rows.append({"policy": "cogact_tiny", "batching": batching, **load(server.port, clients, requests)})
