@@ -145,3 +145,48 @@ def test_non_finite_loss_stops_the_run_and_keeps_earlier_checkpoints(tmp_path: P
     assert "FloatingPointError: loss is" in result.stderr and "stopped" in result.stderr
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept and all((tmp_path / "run" / "checkpoints" / k / "model.safetensors").is_file() for k in kept)
+
+
+FSDP_VALIDATION = """
+import sys
+
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+sys.path.insert(0, {repo!r})
+from training.loop import full_weights
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+with initialize_config_dir(config_dir={repo!r} + "/conf", version_base="1.3"):
+    policy = instantiate(compose("train", overrides=["model=cogact_tiny"]).model).eval()
+images = torch.randint(0, 256, (2, policy.image_size, policy.image_size, 3), dtype=torch.uint8)
+prompts = ["push the cube", "pick the cube"]
+with torch.no_grad():
+    expected = policy.predict_normalized(images, prompts, generator=torch.Generator().manual_seed(0))
+whole = sum(p.numel() for p in policy.parameters())
+model = FullyShardedDataParallel(policy, device_id=torch.device("cpu"), use_orig_params=True)
+assert sum(p.numel() for p in policy.parameters()) < whole, "FSDP left this rank the whole weights"
+with full_weights(model, 1), torch.no_grad():
+    assert sum(p.numel() for p in policy.parameters()) == whole
+    if dist.get_rank() == 0:
+        got = policy.predict_normalized(images, prompts, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(got, expected)
+        print("validation on gathered weights: equal")
+dist.barrier()
+"""
+
+
+@pytest.mark.slow
+def test_validation_sees_whole_weights_under_fsdp(tmp_path: Path) -> None:
+    script = tmp_path / "fsdp_validation.py"
+    script.write_text(FSDP_VALIDATION.format(repo=str(REPO)))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "validation on gathered weights: equal" in result.stdout

@@ -3,6 +3,7 @@ exact resume. CPU, one GPU, DDP, FSDP and DeepSpeed all come from `accelerate la
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -33,6 +34,22 @@ from models.finetune import apply_finetune_mode
 from models.policy import Policy
 from training.checkpoints import load_training_state, prune_checkpoints, save_training_state
 from training.validation import validate
+
+
+def _fsdp_version(accelerator: Accelerator) -> int | None:
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return accelerator.state.fsdp_plugin.fsdp_version
+
+
+def full_weights(model: torch.nn.Module, fsdp_version: int | None) -> contextlib.AbstractContextManager:
+    """Within it the unwrapped policy holds its whole weights: FSDP (1) gathers the shards on every rank, so every
+    rank must enter it; without FSDP it does nothing."""
+    if fsdp_version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    return contextlib.nullcontext()
 
 
 def check_import_hygiene() -> None:
@@ -158,8 +175,8 @@ def train(cfg: DictConfig) -> dict:
             val_data = make_frame_dataset(sources, statistics, loader_cfg, "val")
         else:
             accelerator.print(f"validation off: loader.val_fraction={loader_cfg.val_fraction} holds out no episode")
-    if accelerator.distributed_type == DistributedType.FSDP and val_data is not None:
-        accelerator.print("validation is skipped under FSDP (sharded weights); evaluate the checkpoints instead")
+    if val_data is not None and _fsdp_version(accelerator) not in (None, 1):
+        accelerator.print("validation is skipped under FSDP2 (sharded weights); evaluate the checkpoints instead")
         val_data = None
     keys = [s.key for s in sources]
 
@@ -201,11 +218,15 @@ def train(cfg: DictConfig) -> dict:
         if step % cfg.log_every == 0:
             logger.log(step, metrics)
         at_end = step == cfg.max_steps
-        if val_data is not None and (step % cfg.val_every == 0 or at_end) and accelerator.is_main_process:
-            plot = run_dir / "validation" / f"step_{step:06d}.png"
-            metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
-            logger.log(step, metrics)
-            best = min(best, metrics.get("val/loss", best))
+        if val_data is not None and (step % cfg.val_every == 0 or at_end):
+            with full_weights(
+                model, _fsdp_version(accelerator)
+            ):  # under FSDP a collective: every rank gathers, the main one uses
+                if accelerator.is_main_process:
+                    plot = run_dir / "validation" / f"step_{step:06d}.png"
+                    metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
+                    logger.log(step, metrics)
+                    best = min(best, metrics.get("val/loss", best))
         if step % cfg.save_every == 0 or at_end:
             weights = accelerator.get_state_dict(model)  # a collective: gathers sharded weights (FSDP, DeepSpeed)
             if accelerator.is_main_process:
