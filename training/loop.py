@@ -43,12 +43,12 @@ def _fsdp_version(accelerator: Accelerator) -> int | None:
 
 
 def full_weights(model: torch.nn.Module, fsdp_version: int | None) -> contextlib.AbstractContextManager:
-    """Within it the unwrapped policy holds its whole weights: FSDP (1) gathers the shards on every rank, so every
-    rank must enter it; without FSDP it does nothing."""
+    """Within it the unwrapped policy on rank 0 holds its whole weights: FSDP (1) gathers the shards there (every
+    rank must enter it; the others keep their shards, so no GPU but rank 0's holds a whole copy); else a no-op."""
     if fsdp_version == 1:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True)
     return contextlib.nullcontext()
 
 
