@@ -175,7 +175,8 @@ def train(cfg: DictConfig) -> dict:
             val_data = make_frame_dataset(sources, statistics, loader_cfg, "val")
         else:
             accelerator.print(f"validation off: loader.val_fraction={loader_cfg.val_fraction} holds out no episode")
-    if val_data is not None and _fsdp_version(accelerator) not in (None, 1):
+    fsdp_version = _fsdp_version(accelerator)
+    if val_data is not None and fsdp_version not in (None, 1):
         accelerator.print("validation is skipped under FSDP2 (sharded weights); evaluate the checkpoints instead")
         val_data = None
     keys = [s.key for s in sources]
@@ -219,9 +220,8 @@ def train(cfg: DictConfig) -> dict:
             logger.log(step, metrics)
         at_end = step == cfg.max_steps
         if val_data is not None and (step % cfg.val_every == 0 or at_end):
-            with full_weights(
-                model, _fsdp_version(accelerator)
-            ):  # under FSDP a collective: every rank gathers, the main one uses
+            # Under FSDP a collective: every rank enters, rank 0 gets the whole weights and validates.
+            with full_weights(model, fsdp_version):
                 if accelerator.is_main_process:
                     plot = run_dir / "validation" / f"step_{step:06d}.png"
                     metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
