@@ -84,9 +84,10 @@ class LoaderConfig:
     action_dim: int = 7
     batch_size: int = 32
     val_fraction: float = 0.05
+    episode_reads: int = 8
     episode_shuffle_buffer: int = 64
     interleave_episodes: int = 32
-    frame_shuffle_buffer: int = 10_000
+    frame_shuffle_buffer: int = 4_000
     augment: bool = True
     use_wrist_image: bool = False
     num_parallel_calls: int = -1
@@ -155,13 +156,81 @@ def _get(tree, key: str):
     return tree
 
 
-def _episodes(builder: tfds.core.DatasetBuilder, split: str, shuffle: bool, seed: int) -> tf.data.Dataset:
-    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
-    return builder.as_dataset(
-        split=split,
-        shuffle_files=shuffle,
-        read_config=read_config,
-        decoders={"steps": tfds.decode.SkipDecoding()},
+def _columns(builder: tfds.core.DatasetBuilder, columns: dict[str, str]) -> tuple[dict, dict]:
+    """How to parse step features straight out of a serialized episode (tfds flattens each step feature `a/b` into one
+    list `steps/a/b` over the episode): {name: (example key, RaggedFeature)} and {name: values per step} (0 for
+    scalars such as an encoded image or an instruction)."""
+    steps = builder.info.features["steps"]
+    spec, width = {}, {}
+    for name, key in columns.items():
+        feature = _get(steps, key)
+        if isinstance(feature, tfds.features.Image) or feature.np_dtype == np.object_:
+            spec[name], width[name] = (f"steps/{key}", tf.io.RaggedFeature(tf.string)), 0
+        else:
+            dtype = tf.float32 if np.dtype(feature.np_dtype).kind == "f" else tf.int64
+            spec[name], width[name] = (f"steps/{key}", tf.io.RaggedFeature(dtype)), int(np.prod(feature.shape))
+    return spec, width
+
+
+def _shape_columns(parsed: dict, spec: dict, width: dict) -> dict:
+    """Parsed ragged columns -> {name: [steps] strings or [steps, width] float32}."""
+    out = {}
+    for name, (key, _) in spec.items():
+        values = parsed[key].flat_values if isinstance(parsed[key], tf.RaggedTensor) else parsed[key]
+        out[name] = values if width[name] == 0 else tf.reshape(tf.cast(values, tf.float32), [-1, width[name]])
+    return out
+
+
+def _episodes(
+    builder: tfds.core.DatasetBuilder, source: RLDSSource, cfg: LoaderConfig, split: str, shuffle: bool, seed: int
+) -> tf.data.Dataset:
+    """Episodes of a split (a tfds split string or even split) as {"steps": {key path: [T, ...]}, "episode_index"}
+    holding only the step features frames are made of (the wrist camera only when used). The tfrecord files are read
+    directly and only those columns are parsed out of each serialized episode, so an unused camera is never even
+    copied; with `shuffle` the file order is reshuffled every pass. (tfds's own reader, as_dataset, buffers whole
+    episodes of every camera per file: ~0.2 GB more on a LIBERO-like set.)"""
+    keys = [source.image_key, source.action_key, source.language_key, source.state_key]
+    if cfg.use_wrist_image:
+        keys.append(source.wrist_image_key)
+    spec, width = _columns(builder, {key: key for key in keys if key})
+    # An episode's index: its position in the train split (shard by shard), the same whatever rank or pass reads it.
+    train = builder.info.splits["train"]
+    first_index = {
+        Path(file).name: int(offset)
+        for file, offset in zip(train.filepaths, np.cumsum([0, *train.shard_lengths[:-1]]), strict=True)
+    }
+    files, starts, takes = [], [], []
+    for instruction in builder.info.splits[split].file_instructions:
+        files.append(str(instruction.filename))
+        starts.append(first_index[Path(instruction.filename).name] + instruction.skip)
+        take = instruction.take
+        takes.append(instruction.examples_in_shard - instruction.skip if take is None or take < 0 else take)
+    skips = [start - first_index[Path(file).name] for file, start in zip(files, starts, strict=True)]
+    slices = tf.data.Dataset.from_tensor_slices(
+        (files, tf.constant(skips, tf.int64), tf.constant(takes, tf.int64), tf.constant(starts, tf.int64))
+    )
+    if shuffle:
+        slices = slices.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+
+    def read(file: tf.Tensor, skip: tf.Tensor, take: tf.Tensor, start: tf.Tensor) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(file).skip(skip).take(take).enumerate(start)
+
+    # Files read side by side a record at a time: episode order mixes across shards before the episode shuffle.
+    records = slices.interleave(read, cycle_length=min(len(files), 8) if shuffle else 1)
+
+    def parse(index: tf.Tensor, record: tf.Tensor) -> dict:
+        parsed = tf.io.parse_single_example(record, {key: feature for key, feature in spec.values()})
+        kept: dict = {}
+        for key, column in _shape_columns(parsed, spec, width).items():
+            *parents, leaf = key.split("/")
+            node = kept
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = column
+        return {"steps": kept, "episode_index": index}
+
+    return records.map(
+        parse, num_parallel_calls=cfg.num_parallel_calls if cfg.num_parallel_calls > 0 else tf.data.AUTOTUNE
     )
 
 
@@ -240,14 +309,8 @@ def _statistics_batches(builder: tfds.core.DatasetBuilder, source: RLDSSource, a
     with the steps of E episodes concatenated. Only the action and state columns are parsed out of the serialized
     episodes (their images are never even copied out), shards are read in parallel, and several episodes are parsed
     per call: a few times faster than a tfds pipeline that skips image decoding."""
-    steps = builder.info.features["steps"]
     columns = {"action": source.action_key, **({"state": source.state_key} if source.state_key else {})}
-    spec, width = {}, {}
-    for name, key in columns.items():
-        feature = _get(steps, key)
-        dtype = np.dtype(feature.np_dtype)
-        spec[name] = (f"steps/{key}", tf.io.RaggedFeature(tf.float32 if dtype.kind == "f" else tf.int64))
-        width[name] = int(feature.shape[0])
+    spec, width = _columns(builder, columns)
     features = builder.info.features
     has_name = "episode_metadata" in features and "file_path" in features["episode_metadata"]
     transform = get_action_transform(source.action_transform)
@@ -257,9 +320,7 @@ def _statistics_batches(builder: tfds.core.DatasetBuilder, source: RLDSSource, a
         if has_name:
             features["episode_metadata/file_path"] = tf.io.FixedLenFeature([], tf.string)
         parsed = tf.io.parse_example(serialized, features)
-        out = {}
-        for name, (key, _) in spec.items():
-            out[name] = tf.reshape(tf.cast(parsed[key].flat_values, tf.float32), [-1, width[name]])
+        out = _shape_columns(parsed, spec, width)
         out["action"] = transform(out["action"])  # transforms act on each step alone, so [N, A] is fine
         out["lengths"] = parsed[spec["action"][0]].row_lengths() // width["action"]
         if has_name:
@@ -297,28 +358,9 @@ def _bounds_q99(stats: dict, mask: np.ndarray):
     return normalize_tf
 
 
-def _pruner(source: RLDSSource, cfg: LoaderConfig):
-    """episode -> {"steps": only the step features frames use}, nested as in the dataset (the wrist camera only when
-    used): an unused camera would otherwise sit in the episode shuffle and interleave buffers."""
-    keys = [source.image_key, source.action_key, source.language_key, source.state_key]
-    if cfg.use_wrist_image:
-        keys.append(source.wrist_image_key)
-
-    def prune(episode: dict) -> dict:
-        kept: dict = {}
-        for key in filter(None, keys):
-            *parents, leaf = key.split("/")
-            node = kept
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = _get(episode["steps"], key)
-        return {"steps": kept}
-
-    return prune
-
-
 def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
-    """Returns a function episode -> dataset of frames, each with its action chunk [window, A] and pad mask."""
+    """Returns a function episode -> its frames as tensors [T, ...], each with its action chunk [window, A] and pad
+    mask."""
     mask = np.asarray(action_mask(source, cfg.action_dim))
     action_stats = stats["action"]
     normalize_action = _bounds_q99(action_stats, mask)
@@ -329,7 +371,7 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
     if source.state_key and "proprio" in stats:
         normalize_state = _bounds_q99(stats["proprio"], np.ones(len(stats["proprio"]["q01"]), bool))
 
-    def to_frames(episode: dict) -> tf.data.Dataset:
+    def to_frames(episode: dict) -> dict:
         steps = episode["steps"]
         action = normalize_action(_actions(source, steps, cfg.action_dim))
         length = tf.shape(action)[0]
@@ -344,14 +386,28 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
             "action_pad_mask": pad_mask,
             "dataset_index": tf.fill([length], index),
             "frame_index": tf.range(length),
+            "episode_index": tf.fill([length], episode["episode_index"]),
         }
         if cfg.use_wrist_image and source.wrist_image_key:
             frame["wrist_image"] = _get(steps, source.wrist_image_key)
         if normalize_state is not None:
             frame["state"] = normalize_state(tf.cast(_get(steps, source.state_key), tf.float32))
-        return tf.data.Dataset.from_tensor_slices(frame)
+        return frame
 
     return to_frames
+
+
+def _subsample(reads: int, to_frames):
+    """(episode, seed [2]) -> a random ceil(T / reads) of its T frames (`to_frames`), in time order. Every read of an
+    episode takes such a share, so over `reads` passes each frame is drawn once in expectation."""
+
+    def subsample(episode: dict, seed: tf.Tensor) -> dict:
+        frames = to_frames(episode)
+        length = tf.shape(frames["frame_index"])[0]
+        keep = tf.sort(tf.argsort(tf.random.stateless_uniform([length], seed))[: (length + reads - 1) // reads])
+        return {key: tf.gather(value, keep) for key, value in frames.items()}
+
+    return subsample
 
 
 def _decode(cfg: LoaderConfig, train: bool):
@@ -424,14 +480,21 @@ def make_frame_dataset(
     for index, source in enumerate(sources):
         builder = open_builder(source, cfg.action_dim)
         split_for_rank = tfds.even_splits(tfds_split, n=world_size, drop_remainder=False)[rank]
-        episodes = _episodes(builder, split_for_rank, shuffle=train, seed=cfg.seed + index)
-        episodes = episodes.map(_pruner(source, cfg))  # buffers below hold only what frames are made of
+        episodes = _episodes(builder, source, cfg, split_for_rank, shuffle=train, seed=cfg.seed + index)
         to_frames = _frames(source, statistics[source.key], cfg, index)
         if train:
-            episodes = episodes.repeat().shuffle(cfg.episode_shuffle_buffer, seed=cfg.seed + index)
-            frames = episodes.interleave(to_frames, cycle_length=cfg.interleave_episodes, num_parallel_calls=parallel)
+            # Each read of an episode keeps a random 1/episode_reads of its frames (chunked on the whole episode
+            # first), so the buffers below hold that share of each episode and draw from that many times more.
+            seeds = tf.data.Dataset.random(seed=cfg.seed + index).batch(2)
+            groups = tf.data.Dataset.zip(episodes.repeat(), seeds).map(
+                _subsample(cfg.episode_reads, to_frames), num_parallel_calls=parallel
+            )
+            groups = groups.shuffle(cfg.episode_shuffle_buffer, seed=cfg.seed + index)
+            frames = groups.interleave(tf.data.Dataset.from_tensor_slices, cycle_length=cfg.interleave_episodes)
         else:
-            frames = episodes.flat_map(to_frames)
+            frames = episodes.flat_map(
+                lambda episode, to_frames=to_frames: tf.data.Dataset.from_tensor_slices(to_frames(episode))
+            )
         per_source.append(frames)
     if train:
         weights = np.asarray([s.weight for s in sources], np.float64)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -133,17 +135,47 @@ def test_each_rank_reads_its_own_episodes(sample_rlds) -> None:
     stats = {"sample": compute_statistics(source, 7, None)}
     cfg = LoaderConfig(image_size=16, window=2, batch_size=4, val_fraction=0.0, augment=False)
 
-    def episodes_of(rank: int) -> set[str]:
-        builder = open_builder(source)
-        from datasets.rlds import _episodes
-
-        split = tfds.even_splits("train", n=2, drop_remainder=False)[rank]
-        return {e["episode_metadata"]["file_path"] for e in _episodes(builder, split, False, 0).as_numpy_iterator()}
+    def episodes_of(rank: int) -> set[int]:
+        """The episodes rank `rank` of two sees in its first 60 frames (each rank holds 5 episodes of 12 steps)."""
+        frames = make_frame_dataset([source], stats, cfg, "train", rank=rank, world_size=2)
+        batches = [batch for _, batch in zip(range(15), iterate_torch(frames), strict=False)]
+        assert batches[0]["action"].shape == (4, 2, 7)
+        return {int(i) for batch in batches for i in batch["episode_index"]}
 
     first, second = episodes_of(0), episodes_of(1)
-    assert first and second and not first & second and len(first | second) == 10
-    batch = next(iterate_torch(make_frame_dataset([source], stats, cfg, "train", rank=1, world_size=2)))
-    assert batch["action"].shape == (4, 2, 7)
+    assert first | second == set(range(10)) and not first & second
+
+
+def test_each_episode_read_yields_a_random_share_of_its_frames_with_their_own_chunks(sample_rlds) -> None:
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = {"sample": compute_statistics(source, 7, None)}
+
+    def frames(episode_reads: int, count: int, **buffers) -> list[tuple[int, int, np.ndarray]]:
+        cfg = LoaderConfig(
+            image_size=16, window=4, batch_size=10, val_fraction=0.0, augment=False, episode_reads=episode_reads
+        )
+        cfg.__dict__.update(buffers)
+        batches = iterate_torch(make_frame_dataset([source], stats, cfg))
+        out = []
+        for _ in range(count // cfg.batch_size):
+            batch = next(batches)
+            for e, f, a in zip(batch["episode_index"], batch["frame_index"], batch["action"], strict=True):
+                out.append((int(e), int(f), a.numpy()))
+        return out
+
+    # Reads in order (no shuffling): each read of a 12-step episode yields ceil(12 / 4) = 3 distinct frames in time
+    # order; over many reads every frame of every episode is drawn.
+    in_order = frames(4, 1200, episode_shuffle_buffer=1, interleave_episodes=1, frame_shuffle_buffer=1)
+    reads = [in_order[i : i + 3] for i in range(0, len(in_order), 3)]
+    assert all(len({e for e, _, _ in read}) == 1 for read in reads)
+    assert all(a[0][0] != b[0][0] for a, b in itertools.pairwise(reads))  # 3 frames, then the next episode
+    assert all(read[0][1] < read[1][1] < read[2][1] for read in reads)
+    assert {(e, f) for e, f, _ in in_order} == {(e, f) for e in range(10) for f in range(12)}
+    # A frame's action chunk is cut from the whole episode (padding past its end included), whatever read it came in.
+    whole = {(e, f): a for e, f, a in frames(1, 600, frame_shuffle_buffer=50)}
+    assert len(whole) == 120
+    for e, f, a in in_order[:300]:
+        np.testing.assert_array_equal(a, whole[(e, f)])
 
 
 def test_train_pipeline_is_deterministic_and_skips_exactly(sample_rlds) -> None:
