@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from datasets.atomic import write_json_atomic
 from datasets.statistics import normalize, summarize
+from datasets.tfrecord_columns import read_columns
 from datasets.transforms import get_action_transform
 
 tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; the accelerator belongs to torch.
@@ -183,12 +184,13 @@ def _shape_columns(parsed: dict, spec: dict, width: dict) -> dict:
 
 def _episodes(
     builder: tfds.core.DatasetBuilder, source: RLDSSource, cfg: LoaderConfig, split: str, shuffle: bool, seed: int
-) -> tf.data.Dataset:
-    """Episodes of a split (a tfds split string or even split) as {"steps": {key path: [T, ...]}, "episode_index"}
-    holding only the step features frames are made of (the wrist camera only when used). The tfrecord files are read
-    directly and only those columns are parsed out of each serialized episode, so an unused camera is never even
-    copied; with `shuffle` the file order is reshuffled every pass. (tfds's own reader, as_dataset, buffers whole
-    episodes of every camera per file: ~0.2 GB more on a LIBERO-like set.)"""
+) -> tuple[tf.data.Dataset, Callable]:
+    """The serialized episodes of a split (a tfds split string or even split) as (episode_index, record), and the
+    function that parses one into {"steps": {key path: [T, ...]}, "episode_index"} holding only the step features
+    frames are made of (the wrist camera only when used). The tfrecord files are read directly, an episode is parsed
+    where its frames are cut (no buffer holds it whole) and only those columns are parsed out of it, so an unused
+    camera is never even copied; with `shuffle` the file order is reshuffled every pass. (tfds's own reader,
+    as_dataset, buffers whole episodes of every camera per file: ~0.2 GB more on a LIBERO-like set.)"""
     keys = [source.image_key, source.action_key, source.language_key, source.state_key]
     if cfg.use_wrist_image:
         keys.append(source.wrist_image_key)
@@ -229,9 +231,7 @@ def _episodes(
             node[leaf] = column
         return {"steps": kept, "episode_index": index}
 
-    return records.map(
-        parse, num_parallel_calls=cfg.num_parallel_calls if cfg.num_parallel_calls > 0 else tf.data.AUTOTUNE
-    )
+    return records, parse
 
 
 def _actions(source: RLDSSource, steps: dict, action_dim: int) -> tf.Tensor:
@@ -268,77 +268,44 @@ def dataset_fingerprint(source: RLDSSource) -> str:
 
 
 def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Path | None = None) -> dict:
-    """One streaming pass over every episode, no image decoded. Cached by `dataset_fingerprint` in cache_dir."""
+    """One pass over every episode that reads only the action and state lists of each record (datasets.
+    tfrecord_columns: the image bytes are never read). Cached by `dataset_fingerprint` in cache_dir."""
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir).expanduser() / f"{source.name}-{dataset_fingerprint(source)}.json"
         if cache_file.is_file():
             return json.loads(cache_file.read_text())
     builder = open_builder(source, action_dim)
-    actions, states, count = [], [], 0
-    total = builder.info.splits["train"].num_examples
-    try:
-        with tqdm(total=total, desc=f"statistics {source.name}", unit="episode") as progress:
-            for batch in _statistics_batches(builder, source, action_dim).as_numpy_iterator():
-                if not np.isfinite(batch["action"]).all():
-                    raise ValueError(f"{source.path}: {_first_bad_episode(batch)} holds NaN or inf actions")
-                actions.append(batch["action"])
-                if "state" in batch:
-                    states.append(batch["state"])
-                count += len(batch["episode"])
-                progress.update(len(batch["episode"]))
-    except tf.errors.DataLossError as e:
-        _raise_data_loss([source], e)
+    columns = {"action": source.action_key, **({"state": source.state_key} if source.state_key else {})}
+    _, width = _columns(builder, columns)
+    keys = {name: f"steps/{key}" for name, key in columns.items()}
+    found: dict[str, list[np.ndarray]] = {name: [] for name in columns}
+    count = 0
+    with tqdm(total=builder.info.splits["train"].num_examples, desc=f"statistics {source.name}", unit="episode") as bar:
+        for file in builder.info.splits["train"].filepaths:
+            for index, record in enumerate(read_columns(file, [*keys.values(), "episode_metadata/file_path"])):
+                episode = record.get("episode_metadata/file_path", [f"record {index} of {Path(file).name}"])[0]
+                episode = episode.decode() if isinstance(episode, bytes) else episode
+                for name, key in keys.items():
+                    if key not in record:
+                        raise KeyError(f"{source.path}: episode {episode} has no {key}")
+                    found[name].append(np.asarray(record[key], np.float32).reshape(-1, width[name]))
+                if not np.isfinite(found["action"][-1]).all():
+                    raise ValueError(f"{source.path}: episode {episode} holds NaN or inf actions")
+                count += 1
+                bar.update(1)
     if not count:
         raise ValueError(f"{source.path}: the dataset holds no episodes")
-    entry = {"action": {**summarize(np.concatenate(actions)), "mask": action_mask(source, action_dim)}}
-    if states:
-        entry["proprio"] = summarize(np.concatenate(states))
-    entry["num_transitions"] = int(sum(len(a) for a in actions))
+    # Transforms treat each step alone, so one call covers every episode.
+    actions = np.asarray(get_action_transform(source.action_transform)(tf.constant(np.concatenate(found["action"]))))
+    entry = {"action": {**summarize(actions), "mask": action_mask(source, action_dim)}}
+    if found.get("state"):
+        entry["proprio"] = summarize(np.concatenate(found["state"]))
+    entry["num_transitions"] = len(actions)
     entry["num_trajectories"] = count
     if cache_file is not None:
         write_json_atomic(cache_file, entry)
     return entry
-
-
-STATISTICS_BATCH = 16  # episodes parsed per tf.io.parse_example call
-
-
-def _statistics_batches(builder: tfds.core.DatasetBuilder, source: RLDSSource, action_dim: int) -> tf.data.Dataset:
-    """Batches of episodes as {"action": [N, A] transformed, "state": [N, S], "episode": [E] names, "lengths": [E]}
-    with the steps of E episodes concatenated. Only the action and state columns are parsed out of the serialized
-    episodes (their images are never even copied out), shards are read in parallel, and several episodes are parsed
-    per call: a few times faster than a tfds pipeline that skips image decoding."""
-    columns = {"action": source.action_key, **({"state": source.state_key} if source.state_key else {})}
-    spec, width = _columns(builder, columns)
-    features = builder.info.features
-    has_name = "episode_metadata" in features and "file_path" in features["episode_metadata"]
-    transform = get_action_transform(source.action_transform)
-
-    def parse(serialized: tf.Tensor) -> dict:
-        features = {key: feature for key, feature in spec.values()}
-        if has_name:
-            features["episode_metadata/file_path"] = tf.io.FixedLenFeature([], tf.string)
-        parsed = tf.io.parse_example(serialized, features)
-        out = _shape_columns(parsed, spec, width)
-        out["action"] = transform(out["action"])  # transforms act on each step alone, so [N, A] is fine
-        out["lengths"] = parsed[spec["action"][0]].row_lengths() // width["action"]
-        if has_name:
-            out["episode"] = parsed["episode_metadata/file_path"]
-        else:
-            out["episode"] = tf.strings.as_string(tf.range(tf.shape(serialized)[0], dtype=tf.int64))
-        return out
-
-    files = [str(path) for path in builder.info.splits["train"].filepaths]
-    records = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 8))
-    return records.batch(STATISTICS_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-
-
-def _first_bad_episode(batch: dict) -> str:
-    ends = np.cumsum(batch["lengths"])
-    step = int(np.argmax(~np.isfinite(batch["action"]).all(axis=1)))
-    name = batch["episode"][int(np.searchsorted(ends, step, side="right"))]
-    return f"episode {name.decode() if isinstance(name, bytes) else name}"
 
 
 # --------------------------------------------------------------------------------------------------------------- frames
@@ -397,7 +364,7 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
     return to_frames
 
 
-def _subsample(reads: int, to_frames):
+def _subsample(reads: int, to_frames: Callable):
     """(episode, seed [2]) -> a random ceil(T / reads) of its T frames (`to_frames`), in time order. Every read of an
     episode takes such a share, so over `reads` passes each frame is drawn once in expectation."""
 
@@ -415,10 +382,13 @@ def _decode(cfg: LoaderConfig, train: bool):
 
     def decode_image(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_jpeg(encoded, channels=3)
-        image = tf.image.convert_image_dtype(image, tf.float32)
-        if train and cfg.augment:
-            image = _augment(image, seed)
-        image = tf.image.resize(image, [size, size], method="bilinear")
+        augment = train and cfg.augment
+        seeds = tf.random.experimental.stateless_split(seed, 5)
+        if augment:
+            image = _random_crop(image, seeds[0])  # still uint8: the crop copies a quarter of the bytes of a float one
+        image = tf.image.resize(image, [size, size], method="bilinear") / 255  # the one resampling: float [0, 1]
+        if augment:
+            image = _jitter_colors(image, seeds[1:])  # at the model's resolution (as OpenVLA does)
         return tf.cast(tf.clip_by_value(image, 0, 1) * 255 + 0.5, tf.uint8)
 
     def decode(frame: dict, seed: tf.Tensor) -> dict:
@@ -431,18 +401,24 @@ def _decode(cfg: LoaderConfig, train: bool):
     return decode
 
 
-def _augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """OpenVLA's recipe: random resized crop (area 0.9, square), brightness 0.2, contrast and saturation 0.8-1.2,
-    hue 0.05. image: float [H, W, 3] in [0, 1]; seed: int64 [2]. Stateless ops: the same frame seed gives the same
-    augmentation whatever thread runs it, so a resumed run sees exactly the images an uninterrupted one would."""
+# OpenVLA's augmentation recipe, split in two: random resized crop (area 0.9, square) on the decoded image, then
+# brightness 0.2, contrast and saturation 0.8-1.2, hue 0.05 on the resized one. Stateless ops: the same frame seed gives
+# the same augmentation whatever thread runs it, so a resumed run sees exactly the images an uninterrupted one would.
+
+
+def _random_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A random square crop of 0.9 of the image's area. image: [H, W, 3] (any dtype); seed: int64 [2]."""
     shape = tf.shape(image)
     side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * 0.9**0.5, tf.int32)
-    seeds = tf.random.experimental.stateless_split(seed, 5)
-    image = tf.image.stateless_random_crop(image, [side, side, 3], seed=seeds[0])
-    image = tf.image.stateless_random_brightness(image, 0.2, seed=seeds[1])
-    image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=seeds[2])
-    image = tf.image.stateless_random_saturation(image, 0.8, 1.2, seed=seeds[3])
-    image = tf.image.stateless_random_hue(image, 0.05, seed=seeds[4])
+    return tf.image.stateless_random_crop(image, [side, side, 3], seed=seed)
+
+
+def _jitter_colors(image: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+    """image: float [H, W, 3] in [0, 1]; seeds: int64 [4, 2]."""
+    image = tf.image.stateless_random_brightness(image, 0.2, seed=seeds[0])
+    image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=seeds[1])
+    image = tf.image.stateless_random_saturation(image, 0.8, 1.2, seed=seeds[2])
+    image = tf.image.stateless_random_hue(image, 0.05, seed=seeds[3])
     return tf.clip_by_value(image, 0, 1)
 
 
@@ -480,20 +456,25 @@ def make_frame_dataset(
     for index, source in enumerate(sources):
         builder = open_builder(source, cfg.action_dim)
         split_for_rank = tfds.even_splits(tfds_split, n=world_size, drop_remainder=False)[rank]
-        episodes = _episodes(builder, source, cfg, split_for_rank, shuffle=train, seed=cfg.seed + index)
+        records, parse = _episodes(builder, source, cfg, split_for_rank, shuffle=train, seed=cfg.seed + index)
         to_frames = _frames(source, statistics[source.key], cfg, index)
         if train:
             # Each read of an episode keeps a random 1/episode_reads of its frames (chunked on the whole episode
             # first), so the buffers below hold that share of each episode and draw from that many times more.
             seeds = tf.data.Dataset.random(seed=cfg.seed + index).batch(2)
-            groups = tf.data.Dataset.zip(episodes.repeat(), seeds).map(
-                _subsample(cfg.episode_reads, to_frames), num_parallel_calls=parallel
+            groups = tf.data.Dataset.zip(records.repeat(), seeds).map(
+                _subsample(
+                    cfg.episode_reads, lambda record, parse=parse, to_frames=to_frames: to_frames(parse(*record))
+                ),
+                num_parallel_calls=parallel,
             )
             groups = groups.shuffle(cfg.episode_shuffle_buffer, seed=cfg.seed + index)
             frames = groups.interleave(tf.data.Dataset.from_tensor_slices, cycle_length=cfg.interleave_episodes)
         else:
-            frames = episodes.flat_map(
-                lambda episode, to_frames=to_frames: tf.data.Dataset.from_tensor_slices(to_frames(episode))
+            frames = records.flat_map(
+                lambda index, record, parse=parse, to_frames=to_frames: tf.data.Dataset.from_tensor_slices(
+                    to_frames(parse(index, record))
+                )
             )
         per_source.append(frames)
     if train:
