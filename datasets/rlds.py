@@ -207,6 +207,11 @@ def _episodes(
         starts.append(first_index[Path(instruction.filename).name] + instruction.skip)
         take = instruction.take
         takes.append(instruction.examples_in_shard - instruction.skip if take is None or take < 0 else take)
+    if not files:
+        raise ValueError(
+            f"{source.name}: split {split} of {source.path} holds no episodes (too few episodes for this many "
+            "processes or this validation fraction?)"
+        )
     skips = [start - first_index[Path(file).name] for file, start in zip(files, starts, strict=True)]
     slices = tf.data.Dataset.from_tensor_slices(
         (files, tf.constant(skips, tf.int64), tf.constant(takes, tf.int64), tf.constant(starts, tf.int64))
@@ -253,6 +258,19 @@ def action_mask(source: RLDSSource, action_dim: int) -> list[bool]:
 # ----------------------------------------------------------------------------------------------------------- statistics
 
 
+_EPISODE_NAME = "episode_metadata/file_path"
+
+
+def _named_errors(source: RLDSSource, records: Iterator[dict]) -> Iterator[dict]:
+    """records, with a truncated or garbled shard's error prefixed by the dataset's path."""
+    try:
+        yield from records
+    except OSError as e:
+        raise OSError(f"{source.path}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{source.path}: {e}") from e
+
+
 def dataset_fingerprint(source: RLDSSource) -> str:
     """Hash of the dataset's files (names, sizes, dataset_info.json) and of what shapes the statistics."""
     path = source.path
@@ -283,13 +301,17 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
     count = 0
     with tqdm(total=builder.info.splits["train"].num_examples, desc=f"statistics {source.name}", unit="episode") as bar:
         for file in builder.info.splits["train"].filepaths:
-            for index, record in enumerate(read_columns(file, [*keys.values(), "episode_metadata/file_path"])):
-                episode = record.get("episode_metadata/file_path", [f"record {index} of {Path(file).name}"])[0]
-                episode = episode.decode() if isinstance(episode, bytes) else episode
+            for index, record in enumerate(_named_errors(source, read_columns(file, [*keys.values(), _EPISODE_NAME]))):
+                names = record.get(_EPISODE_NAME) or [f"record {index} of {Path(file).name}"]
+                episode = names[0].decode() if isinstance(names[0], bytes) else names[0]
                 for name, key in keys.items():
-                    if key not in record:
-                        raise KeyError(f"{source.path}: episode {episode} has no {key}")
-                    found[name].append(np.asarray(record[key], np.float32).reshape(-1, width[name]))
+                    values = np.asarray(record.get(key, []), np.float32)
+                    if key not in record or len(values) % width[name]:
+                        raise ValueError(
+                            f"{source.path}: episode {episode} has {len(values)} values of {key}, expected a "
+                            f"multiple of {width[name]} (one [{width[name]}] per step)"
+                        )
+                    found[name].append(values.reshape(-1, width[name]))
                 if not np.isfinite(found["action"][-1]).all():
                     raise ValueError(f"{source.path}: episode {episode} holds NaN or inf actions")
                 count += 1
@@ -362,6 +384,11 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
         return frame
 
     return to_frames
+
+
+def _derived_seed(*parts) -> int:
+    """A seed of its own for each random stream (the streams stay independent of each other)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
 def _subsample(reads: int, to_frames: Callable):
@@ -447,9 +474,14 @@ def make_frame_dataset(
 
     The held-out episodes are the last `val_fraction` of each dataset's train split (deterministic). Under a
     multi-process launch each rank reads its own slice of episodes. The pipeline is deterministic given the seed, so
-    `skip_frames` (frames already consumed, skipped while still encoded) resumes exactly where a run stopped.
+    `skip_frames` (frames already consumed, skipped while still encoded) resumes exactly where a run stopped; with
+    `episode_reads` > 1 that replays (reads and parses) that many times more episodes than whole-episode reads.
     """
     train = split == "train"
+    if cfg.episode_reads < 1:
+        raise ValueError(
+            f"loader.episode_reads must be at least 1 (1 = every frame of a read), got {cfg.episode_reads}"
+        )
     tfds_split = split_name(split, cfg.val_fraction)
     parallel = cfg.num_parallel_calls if cfg.num_parallel_calls > 0 else tf.data.AUTOTUNE
     per_source = []
@@ -461,7 +493,7 @@ def make_frame_dataset(
         if train:
             # Each read of an episode keeps a random 1/episode_reads of its frames (chunked on the whole episode
             # first), so the buffers below hold that share of each episode and draw from that many times more.
-            seeds = tf.data.Dataset.random(seed=cfg.seed + index).batch(2)
+            seeds = tf.data.Dataset.random(seed=_derived_seed(cfg.seed, "episode reads", index, rank)).batch(2)
             groups = tf.data.Dataset.zip(records.repeat(), seeds).map(
                 _subsample(
                     cfg.episode_reads, lambda record, parse=parse, to_frames=to_frames: to_frames(parse(*record))

@@ -30,7 +30,7 @@ def _varint(buffer, pos: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return result, pos
+            return result & 0xFFFF_FFFF_FFFF_FFFF, pos  # protobuf keeps the low 64 bits of an over-long varint
         shift += 7
 
 
@@ -119,7 +119,7 @@ def read_columns(path: str | Path, keys: list[str]) -> Iterator[dict]:
                     )
                 try:
                     columns = _example_columns(buffer, start, end, wanted)
-                except (ValueError, IndexError) as e:
+                except (ValueError, IndexError, OverflowError) as e:
                     raise ValueError(f"{path.name}: record {index} is not a tf.train.Example: {e}") from e
                 yield columns
                 pos, index = end + 4, index + 1

@@ -178,6 +178,17 @@ def test_each_episode_read_yields_a_random_share_of_its_frames_with_their_own_ch
         np.testing.assert_array_equal(a, whole[(e, f)])
 
 
+def test_bad_episode_reads_and_a_rank_without_episodes_are_named(sample_rlds) -> None:
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = {"sample": compute_statistics(source, 7, None)}
+    with pytest.raises(ValueError, match=r"loader\.episode_reads must be at least 1"):
+        make_frame_dataset([source], stats, LoaderConfig(episode_reads=0))
+    # 10 episodes, 10% held out: one validation episode, so the second of two ranks has none.
+    cfg = LoaderConfig(val_fraction=0.1)
+    with pytest.raises(ValueError, match=r"sample: split .* holds no episodes"):
+        make_frame_dataset([source], stats, cfg, "val", rank=1, world_size=2)
+
+
 def test_train_pipeline_is_deterministic_and_skips_exactly(sample_rlds) -> None:
     source = RLDSSource(name="sample", data_dir=str(sample_rlds))
     stats = {"sample": compute_statistics(source, 7, None)}
