@@ -1,9 +1,10 @@
 """Read RLDS datasets (TFDS layout) from local directories and turn them into training frames with plain tf.data.
 
-Pipeline (train): episodes (images still JPEG bytes) -> per-rank slice -> shuffled episodes -> action chunks of the
-model's window -> frames interleaved across many episodes -> bounded frame shuffle of *encoded* bytes -> weighted
-mixture -> decode, resize, augment -> batches of numpy -> torch. Validation reads held-out episodes in order, no
-augmentation.
+Pipeline (train): serialized episodes from the shards of this rank's slice (files in a new order every pass) ->
+parse only the used columns (images stay JPEG bytes) -> action chunks of the model's window on the whole episode ->
+keep a random 1/episode_reads of its frames -> shuffle those groups -> interleave many of them -> bounded frame
+shuffle of *encoded* frames -> weighted mixture -> crop, resize, colour jitter -> batches of numpy -> torch.
+Validation reads held-out episodes in order, every frame, no augmentation.
 """
 
 from __future__ import annotations
