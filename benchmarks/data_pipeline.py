@@ -246,22 +246,29 @@ def measure_loader(task: dict) -> dict:
     cfg = LoaderConfig(image_size=224, window=16, batch_size=32, **task["overrides"])
     rss_before_mb, memory_before = _peak_rss_mb(), _memory_mb()
     peak_anonymous = memory_before["anonymous"]
+    episodes = []  # each batch's episode ids, for the mixing figures
+
+    def next_batch() -> dict:
+        nonlocal peak_anonymous
+        batch = next(batches)
+        episodes.append(batch["episode_index"].numpy())
+        peak_anonymous = max(peak_anonymous, _memory_mb()["anonymous"])
+        return batch
+
     start = time.perf_counter()
     batches = iterate_torch(make_frame_dataset([source], {source.key: stats}, cfg, "train"), [source])
-    first = next(batches)
+    first = next_batch()
     first_batch_s = time.perf_counter() - start
-    episodes = [first["episode_index"].numpy()]
     assert first["image"].shape == (cfg.batch_size, cfg.image_size, cfg.image_size, 3)
     for _ in range(task["warmup_batches"] - 1):
-        episodes.append(next(batches)["episode_index"].numpy())
+        next_batch()
     window_frames = task["window_batches"] * cfg.batch_size
     rates = []
     start, cpu_start, machine_start = time.perf_counter(), _cpu_seconds(), _machine_busy_seconds()
     for _ in range(task["windows"]):
         window_start = time.perf_counter()
         for _ in range(task["window_batches"]):
-            episodes.append(next(batches)["episode_index"].numpy())
-            peak_anonymous = max(peak_anonymous, _memory_mb()["anonymous"])
+            next_batch()
         rates.append(window_frames / (time.perf_counter() - window_start))
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     others = _machine_busy_seconds() - machine_start - cpu
@@ -601,8 +608,8 @@ def main() -> None:
         "statistics": statistics,
         "stages": stages,
         "headline": headline(loaders, statistics),
-        "mixing_reference": reference_mixing(
-            dataset, scale, len(loaders["aug on"]["frames_per_s_windows"]) * scale.window_batches * 32
+        "mixing_reference": reference_mixing(  # over as many frames as the loaders' mixing figures
+            dataset, scale, (scale.warmup_batches + scale.windows * scale.window_batches) * 32
         ),
         "reference": REFERENCE,
         "target": {

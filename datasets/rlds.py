@@ -174,15 +174,6 @@ def _columns(builder: tfds.core.DatasetBuilder, columns: dict[str, str]) -> tupl
     return spec, width
 
 
-def _shape_columns(parsed: dict, spec: dict, width: dict) -> dict:
-    """Parsed ragged columns -> {name: [steps] strings or [steps, width] float32}."""
-    out = {}
-    for name, (key, _) in spec.items():
-        values = parsed[key].flat_values if isinstance(parsed[key], tf.RaggedTensor) else parsed[key]
-        out[name] = values if width[name] == 0 else tf.reshape(tf.cast(values, tf.float32), [-1, width[name]])
-    return out
-
-
 def _episodes(
     builder: tfds.core.DatasetBuilder, source: RLDSSource, cfg: LoaderConfig, split: str, shuffle: bool, seed: int
 ) -> tuple[tf.data.Dataset, Callable]:
@@ -202,9 +193,10 @@ def _episodes(
         Path(file).name: int(offset)
         for file, offset in zip(train.filepaths, np.cumsum([0, *train.shard_lengths[:-1]]), strict=True)
     }
-    files, starts, takes = [], [], []
+    files, skips, takes, starts = [], [], [], []
     for instruction in builder.info.splits[split].file_instructions:
         files.append(str(instruction.filename))
+        skips.append(instruction.skip)
         starts.append(first_index[Path(instruction.filename).name] + instruction.skip)
         take = instruction.take
         takes.append(instruction.examples_in_shard - instruction.skip if take is None or take < 0 else take)
@@ -213,7 +205,6 @@ def _episodes(
             f"{source.name}: split {split} of {source.path} holds no episodes (too few episodes for this many "
             "processes or this validation fraction?)"
         )
-    skips = [start - first_index[Path(file).name] for file, start in zip(files, starts, strict=True)]
     slices = tf.data.Dataset.from_tensor_slices(
         (files, tf.constant(skips, tf.int64), tf.constant(takes, tf.int64), tf.constant(starts, tf.int64))
     )
@@ -229,7 +220,10 @@ def _episodes(
     def parse(index: tf.Tensor, record: tf.Tensor) -> dict:
         parsed = tf.io.parse_single_example(record, {key: feature for key, feature in spec.values()})
         kept: dict = {}
-        for key, column in _shape_columns(parsed, spec, width).items():
+        for key, (example_key, _) in spec.items():
+            column = parsed[example_key]  # one example: a flat list over the episode's steps
+            if width[key]:
+                column = tf.reshape(tf.cast(column, tf.float32), [-1, width[key]])
             *parents, leaf = key.split("/")
             node = kept
             for part in parents:
@@ -411,8 +405,8 @@ def _decode(cfg: LoaderConfig, train: bool):
     def decode_image(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_jpeg(encoded, channels=3)
         augment = train and cfg.augment
-        seeds = tf.random.experimental.stateless_split(seed, 5)
         if augment:
+            seeds = tf.random.experimental.stateless_split(seed, 5)
             image = _random_crop(image, seeds[0])  # still uint8: the crop copies a quarter of the bytes of a float one
         image = tf.image.resize(image, [size, size], method="bilinear") / 255  # the one resampling: float [0, 1]
         if augment:
