@@ -4,7 +4,8 @@ Pipeline (train): serialized episodes from the shards of this rank's slice (file
 parse only the used columns (images stay JPEG bytes) -> action chunks of the model's window on the whole episode ->
 keep a random 1/episode_reads of its frames -> shuffle those groups -> interleave many of them -> bounded frame
 shuffle of *encoded* frames -> weighted mixture -> crop, resize, colour jitter -> batches of numpy -> torch.
-Validation reads held-out episodes in order, every frame, no augmentation.
+Validation reads held-out episodes in order, every frame, no augmentation; a model trained with augmentation sees
+the central crop of the same area instead, as it does at inference (`center_crop`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.atomic import write_json_atomic
+from datasets.crop import CROP_AREA
 from datasets.statistics import normalize, summarize
 from datasets.tfrecord_columns import read_columns
 from datasets.transforms import get_action_transform
@@ -408,6 +410,8 @@ def _decode(cfg: LoaderConfig, train: bool):
         if augment:
             seeds = tf.random.experimental.stateless_split(seed, 5)
             image = _random_crop(image, seeds[0])  # still uint8: the crop copies a quarter of the bytes of a float one
+        elif cfg.augment:
+            image = _center_crop(image)  # held-out frames see what inference sees
         image = tf.image.resize(image, [size, size], method="bilinear") / 255  # the one resampling: float [0, 1]
         if augment:
             image = _jitter_colors(image, seeds[1:])  # at the model's resolution (as OpenVLA does)
@@ -428,11 +432,22 @@ def _decode(cfg: LoaderConfig, train: bool):
 # the same augmentation whatever thread runs it, so a resumed run sees exactly the images an uninterrupted one would.
 
 
-def _random_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """A random square crop of 0.9 of the image's area. image: [H, W, 3] (any dtype); seed: int64 [2]."""
+def _crop_side(image: tf.Tensor) -> tf.Tensor:
     shape = tf.shape(image)
-    side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * 0.9**0.5, tf.int32)
+    return tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * CROP_AREA**0.5, tf.int32)
+
+
+def _random_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """A random square crop of CROP_AREA of the image's area. image: [H, W, 3] (any dtype); seed: int64 [2]."""
+    side = _crop_side(image)
     return tf.image.stateless_random_crop(image, [side, side, 3], seed=seed)
+
+
+def _center_crop(image: tf.Tensor) -> tf.Tensor:
+    """The central square crop of CROP_AREA of the image's area (`serving.observation.center_crop` at inference)."""
+    shape, side = tf.shape(image), _crop_side(image)
+    top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
+    return image[top : top + side, left : left + side]
 
 
 def _jitter_colors(image: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:

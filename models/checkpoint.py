@@ -137,4 +137,5 @@ def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | Non
         load_model(model, str(ckpt_dir / "model.safetensors"), strict=True, device="cpu")
     statistics = load_statistics(ckpt_dir)
     model.set_statistics(statistics, unnorm_key or cfg.get("unnorm_key"))
+    model.center_crop = bool((cfg.get("loader") or {}).get("augment", False))
     return model.to(torch.device(device)).eval()

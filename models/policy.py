@@ -40,6 +40,9 @@ class Policy(nn.Module):
     action_dim: int
     action_horizon: int
     image_size: int
+    # True when the policy was trained on random crops (loader.augment): inference takes the central crop of the same
+    # area (datasets.crop). Set from the checkpoint's config by models.load_policy.
+    center_crop: bool = False
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch: "image" uint8 [B, H, W, 3], "prompt" list[str], "action" float [B, T, A] normalized,
@@ -72,4 +75,5 @@ class Policy(nn.Module):
             "action_dim": self.action_dim,
             "action_horizon": self.action_horizon,
             "image_size": self.image_size,
+            "center_crop": self.center_crop,
         }

@@ -1,4 +1,5 @@
-"""Client message -> canonical `Observation`: key mapping (robot.observation_keys), validation, letterboxing.
+"""Client message -> canonical `Observation`: key mapping (robot.observation_keys), validation, letterboxing (and
+the central crop for models trained on random crops).
 
 A robot config maps each canonical name (image, wrist_image, state, prompt) to the key its clients send, or to null
 when they do not send it. `image` and `prompt` are required; `wrist_image` and `state` are read when present.
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 
+from datasets.crop import center_crop_box
 from models.policy import Observation
 
 REQUIRED = ("image", "prompt")
@@ -52,17 +54,27 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def center_crop(image: np.ndarray) -> np.ndarray:
+    """uint8 [S, S, 3] -> the central crop of datasets.crop.CROP_AREA of its area, resized back to [S, S, 3]: what a
+    model trained on random crops saw, on average."""
+    height, width = image.shape[:2]
+    top, left, side = center_crop_box(height, width)
+    crop = np.ascontiguousarray(image[top : top + side, left : left + side])
+    return cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype} {list(value.shape)}"
     return type(value).__name__
 
 
-def _image(value: object, field: str, size: int) -> np.ndarray:
+def _image(value: object, field: str, size: int, crop: bool) -> np.ndarray:
     if not isinstance(value, np.ndarray) or value.ndim != 3 or value.shape[2] != 3 or 0 in value.shape:
         raise ObservationError(f'"{field}" must be an image {_FORMS["image"]}, got {_describe(value)}')
     if value.dtype == np.uint8:
-        return letterbox(value, size)
+        image = letterbox(value, size)
+        return center_crop(image) if crop else image
     if value.dtype.kind != "f":
         raise ObservationError(f'"{field}" must be uint8 or float in [0, 1], got {value.dtype}')
     if not np.isfinite(value).all():
@@ -70,7 +82,7 @@ def _image(value: object, field: str, size: int) -> np.ndarray:
     low, high = float(value.min()), float(value.max())
     if low < 0 or high > 1:
         raise ObservationError(f'"{field}" is float, so it must lie in [0, 1]; got values in [{low:g}, {high:g}]')
-    return letterbox(np.round(value * 255).astype(np.uint8), size)
+    return _image(np.round(value * 255).astype(np.uint8), field, size, crop)
 
 
 def _state(value: object, field: str) -> np.ndarray:
@@ -85,8 +97,11 @@ def _state(value: object, field: str) -> np.ndarray:
     return state
 
 
-def adapt_observation(message: Mapping, observation_keys: Mapping[str, str | None], image_size: int) -> Observation:
-    """Validate a decoded client message and build the canonical observation (images at image_size px square)."""
+def adapt_observation(
+    message: Mapping, observation_keys: Mapping[str, str | None], image_size: int, crop: bool = False
+) -> Observation:
+    """Validate a decoded client message and build the canonical observation (images at image_size px square; with
+    crop, the central crop a model trained on random crops expects)."""
     missing = [observation_keys[n] for n in REQUIRED if observation_keys.get(n) and observation_keys[n] not in message]
     if missing:
         raise ObservationError(f"missing {', '.join(repr(k) for k in missing)}")
@@ -101,8 +116,8 @@ def adapt_observation(message: Mapping, observation_keys: Mapping[str, str | Non
 
     wrist, state = optional("wrist_image"), optional("state")
     return Observation(
-        image=_image(message[observation_keys["image"]], observation_keys["image"], image_size),
+        image=_image(message[observation_keys["image"]], observation_keys["image"], image_size, crop),
         prompt=prompt,
-        wrist_image=None if wrist is None else _image(wrist, observation_keys["wrist_image"], image_size),
+        wrist_image=None if wrist is None else _image(wrist, observation_keys["wrist_image"], image_size, crop),
         state=None if state is None else _state(state, observation_keys["state"]),
     )

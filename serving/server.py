@@ -203,7 +203,9 @@ class PolicyServer:
             await self._in_worker("reset", self.policy.reset)
             return {"status": "reset"}
         try:
-            observation = adapt_observation(data, self.observation_keys, self.policy.image_size)
+            observation = adapt_observation(
+                data, self.observation_keys, self.policy.image_size, self.policy.center_crop
+            )
         except ObservationError as error:
             raise self._bad_request(str(error)) from None
         assert self._queue is not None, "the server is not running"

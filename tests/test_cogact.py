@@ -148,6 +148,10 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
     a = tiny.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
     b = loaded.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
+    assert not loaded.center_crop and not loaded.metadata()["center_crop"]
+    augmented_cfg = OmegaConf.merge(cfg, {"loader": {"augment": True}})
+    augmented = save_checkpoint(tmp_path / "aug", tiny, augmented_cfg, _stats(), step=3)
+    assert load_policy(augmented).metadata()["center_crop"] is True  # trained on random crops: served the central one
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         (ckpt / "model.safetensors").unlink()
         load_policy(ckpt)

@@ -4,12 +4,14 @@ import itertools
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from datasets.builder import EpisodeSchema, write_rlds
 from datasets.rlds import (
     LoaderConfig,
     RLDSSource,
+    _decode,
     compute_statistics,
     iterate_torch,
     make_frame_dataset,
@@ -68,6 +70,17 @@ def test_frames_hold_normalized_chunks_with_padding(sample_rlds) -> None:
     np.testing.assert_allclose(batch["action"][0, 12:, :6].numpy(), np.tile(zero_motion[:6], (4, 1)), atol=1e-5)
     assert (batch["action"][0, 12:, 6] == float(episode[-1, 6])).all()
     assert batch["prompt"][0].startswith("reach the ")
+
+
+def test_held_out_frames_of_an_augmented_model_see_the_central_crop() -> None:
+    image = np.full((100, 100, 3), 220, np.uint8)
+    image[:3], image[-3:], image[:, :3], image[:, -3:] = 0, 0, 0, 0  # a ring outside the central 0.9 of the area
+    encoded = tf.io.encode_jpeg(image, quality=100)
+    seed = tf.constant([1, 2], tf.int64)
+    decode = {augment: _decode(LoaderConfig(image_size=100, augment=augment), train=False) for augment in (False, True)}
+    plain = decode[False]({"image": encoded}, seed)["image"].numpy()
+    cropped = decode[True]({"image": encoded}, seed)["image"].numpy()
+    assert plain[0].max() < 60 and cropped.min() > 190
 
 
 def test_train_split_is_shuffled_augmented_and_endless(sample_rlds) -> None:

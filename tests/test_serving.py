@@ -369,6 +369,17 @@ def test_adapter_maps_client_keys_and_accepts_float_images() -> None:
         adapt_observation({**message, "observation/state": [np.nan] * 8}, LIBERO_KEYS, 32)
 
 
+def test_models_trained_on_random_crops_get_the_central_crop() -> None:
+    image = np.full((100, 100, 3), 200, np.uint8)
+    image[:3], image[-3:], image[:, :3], image[:, -3:] = 0, 0, 0, 0  # a ring outside the central 0.9 of the area
+    message = {"observation/image": image, "prompt": "open the drawer"}
+    plain = adapt_observation(message, LIBERO_KEYS, 100).image
+    cropped = adapt_observation(message, LIBERO_KEYS, 100, crop=True).image
+    assert (plain[0] == 0).all() and cropped.shape == (100, 100, 3) and (cropped == 200).all()
+    floats = adapt_observation({**message, "observation/image": image / 255.0}, LIBERO_KEYS, 100, crop=True).image
+    assert (floats == 200).all()
+
+
 @pytest.mark.slow  # the subprocess imports torch and models
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_run_server_shuts_down_cleanly_on_signal(sig: signal.Signals) -> None:
