@@ -97,7 +97,8 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
                 )
             actions = group["actions"][()].astype(np.float32)
             steps = len(actions)
-            state = panda_state(group["obs/extra/tcp_pose"][()][:steps], group["obs/agent/qpos"][()][:steps])
+            goal = group["obs/extra/goal_pos"][()][:steps] if "obs/extra/goal_pos" in group else None
+            state = panda_state(group["obs/extra/tcp_pose"][()][:steps], group["obs/agent/qpos"][()][:steps], goal)
             yield {
                 "image": group[f"obs/sensor_data/{camera}/rgb"][()][:steps],
                 "state": state,

@@ -6,6 +6,7 @@ from sim.client import PolicyClient, PolicyConnectionError
 from sim.episode import EpisodeResult, EvalSettings, evaluate, wilson_interval
 from sim.maniskill import (
     EPISODE_PROMPT_TASKS,
+    STATE_DIM,
     TASK_PROMPTS,
     CameraEnv,
     camera_image,
@@ -20,6 +21,7 @@ from sim.video import EpisodeVideo
 
 __all__ = [
     "EPISODE_PROMPT_TASKS",
+    "STATE_DIM",
     "TASK_PROMPTS",
     "CameraEnv",
     "ChunkExecution",

@@ -36,16 +36,23 @@ EPISODE_PROMPT_TASKS = ("PickObject-v1",)
 CAMERA_ROBOTS = {"hand_camera": "panda_wristcam"}
 
 
-def panda_state(tcp_pose: np.ndarray, qpos: np.ndarray) -> np.ndarray:
-    """The proprio state the RLDS builder records and the evaluator sends, float32 [..., 8]: tcp position xyz, tcp
-    orientation as extrinsic xyz Euler angles, and the two finger joint positions. tcp_pose [..., 7] is ManiSkill's
-    raw pose (xyz + wxyz quaternion); qpos [..., 9] the arm's joints then the fingers."""
+STATE_DIM = 11
+
+
+def panda_state(tcp_pose: np.ndarray, qpos: np.ndarray, goal_pos: np.ndarray | None = None) -> np.ndarray:
+    """The state the RLDS builder records and the evaluator sends, float32 [..., STATE_DIM]: tcp position xyz, tcp
+    orientation as extrinsic xyz Euler angles, the two finger joint positions, then the task's goal position xyz.
+    tcp_pose [..., 7] is ManiSkill's raw pose (xyz + wxyz quaternion); qpos [..., 9] the arm's joints then the
+    fingers; goal_pos [..., 3] is the `goal_pos` a task adds to its RGB observations because its cameras cannot see
+    the goal (PickCube-v1 hides its goal marker from them), zeros for a task without one (PushCube-v1's goal region
+    and StackCube-v1's target cube are in the image)."""
     from scipy.spatial.transform import Rotation
 
     tcp_pose, qpos = np.asarray(tcp_pose, np.float64), np.asarray(qpos, np.float64)
     euler = Rotation.from_quat(tcp_pose[..., [4, 5, 6, 3]].reshape(-1, 4)).as_euler("xyz")
     euler = euler.reshape(*tcp_pose.shape[:-1], 3)
-    return np.concatenate([tcp_pose[..., :3], euler, qpos[..., -2:]], axis=-1).astype(np.float32)
+    goal = np.zeros((*tcp_pose.shape[:-1], 3)) if goal_pos is None else np.asarray(goal_pos, np.float64)
+    return np.concatenate([tcp_pose[..., :3], euler, qpos[..., -2:], goal], axis=-1).astype(np.float32)
 
 
 def default_prompt(env_id: str) -> str:
@@ -148,7 +155,7 @@ def camera_image(obs: dict, camera: str) -> np.ndarray:
 
 class CameraEnv(gym.Wrapper):
     """A single ManiSkill env as a plain gymnasium env for the evaluator: the observation is {"image": the camera
-    image uint8 [H, W, 3], "state": panda_state float32 [8]}; reward is a float, terminated/truncated are bools;
+    image uint8 [H, W, 3], "state": panda_state float32 [STATE_DIM]}; reward is a float, terminated/truncated are bools;
     info is {"success": bool}, and after a reset also {"prompt": str}: the episode's own instruction ("" for a task
     without one). metadata["render_fps"] is the control frequency."""
 
@@ -157,7 +164,8 @@ class CameraEnv(gym.Wrapper):
         self.camera = camera
         size = env.observation_space["sensor_data"][camera]["rgb"].shape[-3:]
         self.observation_space = gym.spaces.Dict(
-            image=gym.spaces.Box(0, 255, size, np.uint8), state=gym.spaces.Box(-np.inf, np.inf, (8,), np.float32)
+            image=gym.spaces.Box(0, 255, size, np.uint8),
+            state=gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32),
         )
         self.metadata = {**env.metadata, "render_fps": env.unwrapped.control_freq}
 
@@ -178,7 +186,12 @@ class CameraEnv(gym.Wrapper):
 
     def _observation(self, obs: dict) -> dict:
         agent = self.env.unwrapped.agent
-        state = panda_state(agent.tcp.pose.raw_pose[0].cpu().numpy(), agent.robot.get_qpos()[0].cpu().numpy())
+        goal = obs.get("extra", {}).get("goal_pos")
+        state = panda_state(
+            agent.tcp.pose.raw_pose[0].cpu().numpy(),
+            agent.robot.get_qpos()[0].cpu().numpy(),
+            None if goal is None else goal[0].cpu().numpy(),
+        )
         return {"image": camera_image(obs, self.camera), "state": state}
 
 

@@ -35,4 +35,5 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     (stats,) = (tmp_path / "runs").glob("*/dataset_statistics.json")
     entry = json.loads(stats.read_text())["maniskill_e2e"]
     assert entry["num_trajectories"] == 2 and entry["action"]["mask"] == [True] * 6 + [False]
-    assert len(entry["proprio"]["q01"]) == 8, "the Panda state (tcp pose, fingers) is recorded and normalized"
+    assert len(entry["proprio"]["q01"]) == 11, "the Panda state (tcp pose, fingers, goal) is recorded and normalized"
+    assert entry["proprio"]["max"][8:] == [0, 0, 0], "PushCube-v1 shows its goal in the image: no goal in the state"

@@ -23,6 +23,7 @@ from models.policy import Observation, Policy
 from serving import PolicyServer, ServerThread
 from sim import (
     EPISODE_PROMPT_TASKS,
+    STATE_DIM,
     TASK_PROMPTS,
     ChunkExecution,
     EpisodeVideo,
@@ -395,8 +396,14 @@ def test_every_listed_task_builds_and_resets_here(env_id: str) -> None:
         observation, info = env.reset(seed=0)
         image, state = observation["image"], observation["state"]
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 0
-        assert state.shape == (8,) and state.dtype == np.float32 and np.isfinite(state).all()
+        assert state.shape == (STATE_DIM,) and state.dtype == np.float32 and np.isfinite(state).all()
         assert 0 <= state[6] <= 0.05 and 0 <= state[7] <= 0.05, "finger joint positions in metres"
+        if env_id == "PickCube-v1":  # its goal marker is hidden from the cameras: the state carries it
+            goal = env.unwrapped.goal_site.pose.p[0].cpu().numpy()
+            np.testing.assert_allclose(state[8:], goal, atol=1e-6)
+            assert np.abs(goal).max() > 0
+        elif env_id in ("PushCube-v1", "StackCube-v1"):
+            assert (state[8:] == 0).all()
         assert bool(info["prompt"]) == (env_id in EPISODE_PROMPT_TASKS)
         _, reward, terminated, truncated, info = env.step(np.zeros(7, np.float32))
         assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
