@@ -1,7 +1,7 @@
 """Turn your own episodes into an RLDS dataset (TFDS layout, LIBERO-like schema).
 
     # a folder of per-episode .npz or .h5 files: image [T,H,W,3] uint8, state [T,S], action [T,A],
-    # language_instruction (str), optional wrist_image [T,H,W,3]
+    # language_instruction (str), optional wrist_image [T,H,W,3], optional object_pos [T,K] (an auxiliary target)
     python -m datasets.build_rlds episodes --source my_episodes/ --out data/rlds --name my_dataset
 
     # ManiSkill3 trajectories (.h5 + .json beside it) replayed with `-o rgb -c pd_ee_delta_pose`; several --source
@@ -10,7 +10,9 @@
         --out data/rlds --name maniskill_pickcube
 
 ManiSkill actions are written as recorded (gripper -1 close / +1 open): train on them with
-`action_transform: gripper_signed_to_unit`. States are [tcp xyz, tcp euler xyz, gripper finger qpos x2] (8 dims).
+`action_transform: gripper_signed_to_unit`. States are sim.maniskill.panda_state (tcp xyz, tcp euler xyz, finger qpos
+x2, goal xyz: 11 dims); observation/object_pos holds the task objects' positions from the recorded env states
+(sim.maniskill.object_positions), a target for the model's auxiliary loss (RLDSSource.aux_key).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def read_episode_file(path: Path) -> dict:
     missing = [k for k in EPISODE_KEYS if k not in data]
     if missing:
         raise KeyError(
-            f"{path}: missing {missing}; an episode file needs {list(EPISODE_KEYS)} (+ optional wrist_image)"
+            f"{path}: missing {missing}; an episode file needs {list(EPISODE_KEYS)} (+ optional wrist_image, object_pos)"
         )
     data["language_instruction"] = _text(data["language_instruction"])
     data["file_path"] = str(path)
@@ -81,7 +83,7 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
             f"{traj_path} was recorded in {control_mode}; replay it first with "
             "`python -m mani_skill.trajectory.replay_trajectory -o rgb -c pd_ee_delta_pose --save-traj`"
         )
-    from sim.maniskill import default_prompt, panda_state
+    from sim.maniskill import default_prompt, object_positions, panda_state
 
     if instruction is None:
         instruction = default_prompt(env_info.get("env_id", ""))
@@ -99,9 +101,14 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
             steps = len(actions)
             goal = group["obs/extra/goal_pos"][()][:steps] if "obs/extra/goal_pos" in group else None
             state = panda_state(group["obs/extra/tcp_pose"][()][:steps], group["obs/agent/qpos"][()][:steps], goal)
+            actors = group.get("env_states/actors")
+            objects = None
+            if actors is not None:
+                objects = object_positions({name: actors[name][()][:steps] for name in actors})
             yield {
                 "image": group[f"obs/sensor_data/{camera}/rgb"][()][:steps],
                 "state": state,
+                "object_pos": objects,
                 "action": actions,
                 "reward": group["rewards"][()].astype(np.float32) if "rewards" in group else None,
                 "language_instruction": instruction,
@@ -116,11 +123,13 @@ def build(episodes: Iterator[dict], total: int | None, args: argparse.Namespace)
     if first is None:
         raise ValueError("no episodes to write")
     wrist = args.wrist_image_size if "wrist_image" in first and first["wrist_image"] is not None else 0
+    objects = first.get("object_pos")
     schema = EpisodeSchema(
         image_size=args.image_size,
         wrist_image_size=wrist,
         state_dim=np.shape(first["state"])[1],
         action_dim=np.shape(first["action"])[1],
+        object_dim=np.shape(objects)[1] if objects is not None else 0,
     )
 
     def prepared() -> Iterator[dict]:

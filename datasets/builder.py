@@ -2,7 +2,8 @@
 
     <out_dir>/<name>/<version>/{dataset_info.json, features.json, <name>-train.tfrecord-00000-of-0000N, ...}
 
-Each step: observation/image (JPEG), optional observation/wrist_image, observation/state, action,
+Each step: observation/image (JPEG), optional observation/wrist_image, observation/state, optional
+observation/object_pos (task objects' positions: a target for an auxiliary loss, see RLDSSource.aux_key), action,
 language_instruction, reward, discount, is_first, is_last, is_terminal; episode_metadata/file_path.
 """
 
@@ -25,12 +26,13 @@ SPLIT_FIRST_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 
 @dataclass(frozen=True)
 class EpisodeSchema:
-    """Shapes of one step. wrist_image_size 0 means no wrist camera."""
+    """Shapes of one step. wrist_image_size 0 means no wrist camera; object_dim 0 no observation/object_pos."""
 
     image_size: int = 256
     wrist_image_size: int = 0
     state_dim: int = 8
     action_dim: int = 7
+    object_dim: int = 0
 
 
 def _features(schema: EpisodeSchema) -> tfds.features.FeaturesDict:
@@ -41,6 +43,8 @@ def _features(schema: EpisodeSchema) -> tfds.features.FeaturesDict:
     if schema.wrist_image_size:
         size = schema.wrist_image_size
         observation["wrist_image"] = tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg")
+    if schema.object_dim:
+        observation["object_pos"] = tfds.features.Tensor(shape=(schema.object_dim,), dtype=np.float32)
     step = {
         "observation": observation,
         "action": tfds.features.Tensor(shape=(schema.action_dim,), dtype=np.float32),
@@ -76,6 +80,8 @@ def _check_episode(index: int, episode: dict, schema: EpisodeSchema) -> int:
     }
     if schema.wrist_image_size:
         expected["wrist_image"] = (steps, schema.wrist_image_size, schema.wrist_image_size, 3)
+    if schema.object_dim:
+        expected["object_pos"] = (steps, schema.object_dim)
     for key, shape in expected.items():
         got = np.shape(episode.get(key))
         if got != shape:
@@ -93,6 +99,8 @@ def _to_rlds(index: int, episode: dict, schema: EpisodeSchema) -> dict:
         observation = {"image": episode["image"][t], "state": np.asarray(episode["state"][t], np.float32)}
         if schema.wrist_image_size:
             observation["wrist_image"] = episode["wrist_image"][t]
+        if schema.object_dim:
+            observation["object_pos"] = np.asarray(episode["object_pos"][t], np.float32)
         out_steps.append(
             {
                 "observation": observation,
@@ -120,7 +128,8 @@ def write_rlds(
 ) -> Path:
     """Write episodes as an RLDS dataset; returns <out_dir>/<name>/<version>.
 
-    An episode is a dict: image uint8 [T, H, W, 3], optional wrist_image, state float [T, S], action float [T, A],
+    An episode is a dict: image uint8 [T, H, W, 3], optional wrist_image, state float [T, S], optional object_pos
+    float [T, K] (written when schema.object_dim is K), action float [T, A],
     language_instruction str, optional reward [T], file_path str. The dataset appears only once complete (built in a
     temp dir, then renamed); an existing dataset of the same name and version is replaced only after success.
     file_template: shard names, e.g. SPLIT_FIRST_TEMPLATE gives train-00000-of-00004.tfrecord; None: TFDS's default

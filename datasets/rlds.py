@@ -36,7 +36,9 @@ class RLDSSource:
     """One RLDS dataset and how its keys map onto the canonical frame. Defaults follow OpenVLA's LIBERO schema.
 
     Keys are paths inside a step ("observation/image"). `action_mask[i]` false keeps dim i un-normalized
-    (default: every dim but the last, the gripper).
+    (default: every dim but the last, the gripper). `aux_key`: a float feature (e.g. "observation/object_pos", the
+    task objects' positions) that frames carry as "aux", normalized like the state, the target of a model's auxiliary
+    loss (model.aux_dim); its statistics are stored under "aux".
     """
 
     name: str
@@ -48,6 +50,7 @@ class RLDSSource:
     state_key: str | None = "observation/state"
     action_key: str = "action"
     language_key: str = "language_instruction"
+    aux_key: str | None = None
     action_transform: str | None = None
     action_mask: list[bool] | None = None
     unnorm_key: str | None = None
@@ -108,7 +111,7 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
         raise ValueError(f"{path} is not a readable TFDS dataset: {e}") from e
     step_features = builder.info.features["steps"].feature
     available = sorted(_flatten_keys(step_features))
-    for field_name in ("image_key", "wrist_image_key", "state_key", "action_key", "language_key"):
+    for field_name in ("image_key", "wrist_image_key", "state_key", "action_key", "language_key", "aux_key"):
         key = getattr(source, field_name)
         if key is not None and key not in available:
             raise KeyError(f"{source.name}: {field_name}={key!r} is not a step feature of {path}; it has {available}")
@@ -185,7 +188,7 @@ def _episodes(
     where its frames are cut (no buffer holds it whole) and only those columns are parsed out of it, so an unused
     camera is never even copied; with `shuffle` the file order is reshuffled every pass. (tfds's own reader,
     as_dataset, buffers whole episodes of every camera per file: ~0.2 GB more on a LIBERO-like set.)"""
-    keys = [source.image_key, source.action_key, source.language_key, source.state_key]
+    keys = [source.image_key, source.action_key, source.language_key, source.state_key, source.aux_key]
     if cfg.use_wrist_image:
         keys.append(source.wrist_image_key)
     spec, width = _columns(builder, {key: key for key in keys if key})
@@ -277,7 +280,10 @@ def dataset_fingerprint(source: RLDSSource) -> str:
             digest.update(f"{file.name}:{file.stat().st_size};".encode())
     digest.update((path / "dataset_info.json").read_bytes())
     digest.update(
-        json.dumps([source.action_key, source.state_key, source.action_transform, source.action_mask]).encode()
+        json.dumps(
+            [source.action_key, source.state_key, source.action_transform, source.action_mask]
+            + ([source.aux_key] if source.aux_key else [])
+        ).encode()
     )
     return digest.hexdigest()[:16]
 
@@ -291,7 +297,8 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
         if cache_file.is_file():
             return json.loads(cache_file.read_text())
     builder = open_builder(source, action_dim)
-    columns = {"action": source.action_key, **({"state": source.state_key} if source.state_key else {})}
+    optional = {"state": source.state_key, "aux": source.aux_key}
+    columns = {"action": source.action_key, **{name: key for name, key in optional.items() if key}}
     _, width = _columns(builder, columns)
     keys = {name: f"steps/{key}" for name, key in columns.items()}
     found: dict[str, list[np.ndarray]] = {name: [] for name in columns}
@@ -320,6 +327,8 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
     entry = {"action": {**summarize(actions), "mask": action_mask(source, action_dim)}}
     if found.get("state"):
         entry["proprio"] = summarize(np.concatenate(found["state"]))
+    if found.get("aux"):
+        entry["aux"] = summarize(np.concatenate(found["aux"]))
     entry["num_transitions"] = len(actions)
     entry["num_trajectories"] = count
     if cache_file is not None:
@@ -356,6 +365,14 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
     normalize_state = None
     if source.state_key and "proprio" in stats:
         normalize_state = _bounds_q99(stats["proprio"], np.ones(len(stats["proprio"]["q01"]), bool))
+    normalize_aux = None
+    if source.aux_key:
+        if "aux" not in stats:
+            raise ValueError(
+                f"{source.name}: aux_key={source.aux_key!r} is set but its statistics have no 'aux' entry; "
+                "recompute them (delete the cached statistics of this dataset)"
+            )
+        normalize_aux = _bounds_q99(stats["aux"], np.ones(len(stats["aux"]["q01"]), bool))
 
     def to_frames(episode: dict) -> dict:
         steps = episode["steps"]
@@ -378,6 +395,8 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
             frame["wrist_image"] = _get(steps, source.wrist_image_key)
         if normalize_state is not None:
             frame["state"] = normalize_state(tf.cast(_get(steps, source.state_key), tf.float32))
+        if normalize_aux is not None:
+            frame["aux"] = normalize_aux(tf.cast(_get(steps, source.aux_key), tf.float32))
         return frame
 
     return to_frames

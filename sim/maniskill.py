@@ -37,6 +37,9 @@ CAMERA_ROBOTS = {"hand_camera": "panda_wristcam"}
 
 
 STATE_DIM = 11
+# Actors of a task whose positions make the auxiliary target (object_positions): all but the static scene.
+OBJECT_SLOTS = 2
+STATIC_ACTORS = ("table", "ground")
 
 
 def panda_state(tcp_pose: np.ndarray, qpos: np.ndarray, goal_pos: np.ndarray | None = None) -> np.ndarray:
@@ -53,6 +56,23 @@ def panda_state(tcp_pose: np.ndarray, qpos: np.ndarray, goal_pos: np.ndarray | N
     euler = euler.reshape(*tcp_pose.shape[:-1], 3)
     goal = np.zeros((*tcp_pose.shape[:-1], 3)) if goal_pos is None else np.asarray(goal_pos, np.float64)
     return np.concatenate([tcp_pose[..., :3], euler, qpos[..., -2:], goal], axis=-1).astype(np.float32)
+
+
+def object_positions(actors: dict[str, np.ndarray]) -> np.ndarray:
+    """The task objects' positions, float32 [T, 3 * OBJECT_SLOTS]: the xyz of every actor but the static scene, in
+    name order (PushCube: cube, goal_region; PickCube: cube, goal_site; StackCube: cubeA, cubeB), zero-padded.
+    actors: {name: [T, 13+]} ManiSkill actor states (position xyz first), e.g. a trajectory's env_states/actors. A
+    training target only (the model's auxiliary loss); evaluation never needs it."""
+    names = sorted(name for name in actors if not name.startswith(STATIC_ACTORS))
+    if len(names) > OBJECT_SLOTS:
+        raise ValueError(f"actors {names}: more than OBJECT_SLOTS={OBJECT_SLOTS} task objects")
+    if not names:
+        raise ValueError(f"actors {sorted(actors)}: no task object besides the static scene {STATIC_ACTORS}")
+    length = len(actors[names[0]])
+    out = np.zeros((length, 3 * OBJECT_SLOTS), np.float32)
+    for slot, name in enumerate(names):
+        out[:, 3 * slot : 3 * slot + 3] = np.asarray(actors[name])[:, :3]
+    return out
 
 
 def default_prompt(env_id: str) -> str:

@@ -194,7 +194,7 @@ def train(cfg: DictConfig) -> dict:
         batch = next(train_data)
         micro_batches += 1
         with accelerator.accumulate(model):
-            loss, _ = model(batch)
+            loss, parts = model(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint}"
@@ -216,6 +216,8 @@ def train(cfg: DictConfig) -> dict:
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", fps=f"{throughput:.0f}")
         metrics = {"train/loss": last_loss, "train/lr": lr, "train/frames_per_s": throughput}
+        if "aux_loss" in parts:  # this rank's; "train/loss" is the total the optimizer saw
+            metrics["train/aux_loss"] = float(parts["aux_loss"])
         if step % cfg.log_every == 0:
             logger.log(step, metrics)
         at_end = step == cfg.max_steps

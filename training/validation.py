@@ -21,13 +21,15 @@ def validate(
     """keys[i]: the statistics key of the dataset whose frames carry dataset_index i."""
     was_training = model.training
     model.eval()
-    losses, predicted, true, dataset_index, frame_index = [], [], [], [], []
+    losses, aux_losses, predicted, true, dataset_index, frame_index = [], [], [], [], [], []
     generator = torch.Generator().manual_seed(0)
     for i, batch in enumerate(iterate_torch(dataset)):
         if i >= max_batches:
             break
-        loss, _ = model.compute_loss(batch)
-        losses.append(loss.item())
+        loss, parts = model.compute_loss(batch)
+        losses.append(float(parts.get("loss", loss)))  # the action loss, also when a model adds auxiliary losses
+        if "aux_loss" in parts:
+            aux_losses.append(float(parts["aux_loss"]))
         sample = model.predict_normalized(batch["image"], batch["prompt"], batch.get("state"), generator=generator)
         predicted.append(sample[:, 0].float().cpu().numpy())  # the action for the current step
         true.append(batch["action"][:, 0].float().numpy())
@@ -50,6 +52,8 @@ def validate(
         "val/l1": float(np.abs(error[:, :-1]).mean()),
         "val/gripper_acc": float(((predicted_raw[:, -1] >= 0.5) == (true_raw[:, -1] >= 0.5)).mean()),
     }
+    if aux_losses:
+        metrics["val/aux_loss"] = float(np.mean(aux_losses))
     for d in range(error.shape[1]):
         metrics[f"val/l1_dim{d}"] = float(np.abs(error[:, d]).mean())
         metrics[f"val/mse_dim{d}"] = float((error[:, d] ** 2).mean())

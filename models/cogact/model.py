@@ -26,6 +26,9 @@ class CogACT(Policy):
     (`ema_diffusion`) and sample with it. pretrained: an official CogACT checkpoint (Hub id or local run dir).
     proprio_dim: when set, the normalized proprio state [S] (batch["state"]) enters through `proprio_projector`, a
     zero-initialised linear map added to the cognition feature; official CogACT has none (null).
+    aux_dim: when set, `aux_head` (an MLP) predicts the frame's normalized auxiliary target [K] (batch["aux"], e.g.
+    the task objects' positions) from the cognition feature, and aux_loss_weight * its MSE joins the loss: a training
+    signal that makes the VLM locate what the actions depend on. Inference never uses the head.
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class CogACT(Policy):
         gradient_checkpointing: bool = False,
         pretrained: str | None = None,
         proprio_dim: int | None = None,
+        aux_dim: int | None = None,
+        aux_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -68,6 +73,13 @@ class CogACT(Policy):
             self.proprio_projector = torch.nn.Linear(proprio_dim, self.llm_backbone.hidden_size)
             torch.nn.init.zeros_(self.proprio_projector.weight)
             torch.nn.init.zeros_(self.proprio_projector.bias)
+        self.aux_dim, self.aux_loss_weight = aux_dim, aux_loss_weight
+        self.aux_head = None
+        if aux_dim:
+            width = self.llm_backbone.hidden_size
+            self.aux_head = torch.nn.Sequential(
+                torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, aux_dim)
+            )
         self.ema_diffusion = None
         if use_ema:
             self.ema_diffusion = copy.deepcopy(self.action_model).requires_grad_(False)
@@ -112,7 +124,9 @@ class CogACT(Policy):
 
     def condition(self, images: torch.Tensor, prompts: list[str], states: torch.Tensor | None) -> torch.Tensor:
         """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state when configured."""
-        condition = self.cognition_features(images.to(self.device), prompts)
+        return self._with_proprio(self.cognition_features(images.to(self.device), prompts), states)
+
+    def _with_proprio(self, condition: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
         if self.proprio_projector is None:
             return condition
         if states is None:
@@ -132,10 +146,26 @@ class CogACT(Policy):
                 f"batch actions are {tuple(actions.shape[1:])}, the model expects "
                 f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
             )
-        condition = self.condition(batch["image"], batch["prompt"], batch.get("state"))
+        cognition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
+        condition = self._with_proprio(cognition, batch.get("state"))
         repeats = self.repeated_diffusion_steps
         loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1))
-        return loss, {"loss": loss.detach()}
+        if self.aux_head is None:
+            return loss, {"loss": loss.detach()}
+        aux_loss = torch.nn.functional.mse_loss(self.aux_head(cognition[:, 0]), self._aux_target(batch, cognition))
+        # "loss" stays the action loss (validation and the best checkpoint compare it across models).
+        return loss + self.aux_loss_weight * aux_loss, {"loss": loss.detach(), "aux_loss": aux_loss.detach()}
+
+    def _aux_target(self, batch: dict, cognition: torch.Tensor) -> torch.Tensor:
+        if "aux" not in batch:
+            raise ValueError(
+                f"model.aux_dim={self.aux_dim} needs an auxiliary target in every batch: set the dataset "
+                "source's aux_key (e.g. observation/object_pos), or model.aux_dim=null"
+            )
+        target = batch["aux"].to(self.device, cognition.dtype)
+        if target.shape != (cognition.shape[0], self.aux_dim):
+            raise ValueError(f"aux targets are {list(target.shape)}, the model expects [batch, {self.aux_dim}]")
+        return target
 
     @torch.no_grad()
     def on_optimizer_step(self) -> None:
