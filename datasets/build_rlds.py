@@ -54,7 +54,8 @@ def read_episode_file(path: Path) -> dict:
     missing = [k for k in EPISODE_KEYS if k not in data]
     if missing:
         raise KeyError(
-            f"{path}: missing {missing}; an episode file needs {list(EPISODE_KEYS)} (+ optional wrist_image, object_pos)"
+            f"{path}: missing {missing}; an episode file needs {list(EPISODE_KEYS)} "
+            "(+ optional wrist_image, object_pos)"
         )
     data["language_instruction"] = _text(data["language_instruction"])
     data["file_path"] = str(path)

@@ -58,6 +58,7 @@ def sample_episodes(num_episodes: int, steps: int, image_size: int, seed: int = 
         yield {
             "image": np.stack(images),
             "state": np.stack(states),
+            "object_pos": np.tile(targets[goal_name].astype(np.float32), (steps, 1)),  # an aux target (aux_key)
             "action": np.stack(actions),
             "language_instruction": f"reach the {goal_name} target",
             "file_path": f"sample/episode_{i:04d}",
@@ -73,7 +74,7 @@ def build_sample_dataset(
     num_shards: int = 2,
     seed: int = 0,
 ) -> Path:
-    schema = EpisodeSchema(image_size=image_size, state_dim=8, action_dim=7)
+    schema = EpisodeSchema(image_size=image_size, state_dim=8, action_dim=7, object_dim=2)
     return write_rlds(
         sample_episodes(num_episodes, steps, image_size, seed),
         out_dir,

@@ -66,3 +66,77 @@ def test_episode_file_missing_a_key_is_named(tmp_path) -> None:
         build_rlds(["episodes", "--source", str(tmp_path / "episodes"), "--out", str(tmp_path), "--name", "x"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_rlds(["episodes", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--name", "x"])
+
+
+def _write_maniskill_trajectory(path, lengths: list[int]) -> list[np.ndarray]:
+    """A ManiSkill3 trajectory file (.h5 + .json) as replay_trajectory writes it for PickCube-v1; returns each
+    episode's actor states of the cube."""
+    import json
+
+    import h5py
+
+    rng = np.random.default_rng(0)
+    cubes = []
+    with h5py.File(path, "w") as f:
+        for i, steps in enumerate(lengths):
+            group = f.create_group(f"traj_{i}")
+            group["actions"] = rng.uniform(-1, 1, (steps, 7)).astype(np.float32)
+            quaternion = np.tile([1.0, 0, 0, 0], (steps + 1, 1))  # wxyz
+            group["obs/extra/tcp_pose"] = np.concatenate([rng.normal(size=(steps + 1, 3)), quaternion], 1)
+            group["obs/agent/qpos"] = rng.normal(size=(steps + 1, 9))
+            group["obs/extra/goal_pos"] = rng.normal(size=(steps + 1, 3))
+            group["obs/sensor_data/base_camera/rgb"] = rng.integers(0, 256, (steps + 1, 16, 16, 3), dtype=np.uint8)
+            cubes.append(rng.normal(size=(steps + 1, 13)).astype(np.float32))
+            group["env_states/actors/cube"] = cubes[-1]
+            group["env_states/actors/goal_site"] = rng.normal(size=(steps + 1, 13)).astype(np.float32)
+            group["env_states/actors/table-workspace"] = np.zeros((steps + 1, 13), np.float32)
+    meta = {
+        "env_info": {"env_id": "PickCube-v1", "env_kwargs": {"control_mode": "pd_ee_delta_pose"}},
+        "episodes": [{"episode_id": i, "success": True} for i in range(len(lengths))],
+    }
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return cubes
+
+
+def test_maniskill_trajectories_carry_the_objects_positions_as_an_aux_target(tmp_path) -> None:
+    import h5py
+
+    from datasets.rlds import LoaderConfig, iterate_torch, make_frame_dataset
+    from datasets.statistics import normalize
+
+    trajectory = tmp_path / "PickCube-v1.rgb.pd_ee_delta_pose.physx_cpu.h5"
+    cubes = _write_maniskill_trajectory(trajectory, [6, 7, 8, 9])
+    build_rlds(["maniskill", "--source", str(trajectory), "--out", str(tmp_path / "rlds"), "--name", "pick"])
+
+    source = RLDSSource(name="pick", data_dir=str(tmp_path / "rlds"), aux_key="observation/object_pos")
+    stats = compute_statistics(source, 7)
+    with h5py.File(trajectory) as f:  # sorted names: cube, goal_site (the table is static scenery)
+        objects = [
+            np.concatenate([f[f"traj_{i}/env_states/actors/{n}"][:-1, :3] for n in ("cube", "goal_site")], 1)
+            for i in range(4)
+        ]
+    np.testing.assert_allclose(stats["aux"]["max"], np.concatenate(objects).max(0), rtol=1e-6)
+    np.testing.assert_allclose(objects[0][:, :3], cubes[0][:-1, :3])
+    assert len(stats["proprio"]["q01"]) == 11
+
+    cfg = LoaderConfig(image_size=16, window=4, batch_size=9, val_fraction=0.25, augment=False)
+    (batch,) = list(iterate_torch(make_frame_dataset([source], {"pick": stats}, cfg, split="val")))
+    np.testing.assert_allclose(batch["aux"].numpy(), normalize(objects[-1], stats["aux"]), atol=1e-5)
+
+    without_aux = RLDSSource(name="pick", data_dir=str(tmp_path / "rlds"))
+    with pytest.raises(ValueError, match=r"aux_key='observation/object_pos' is set but its statistics"):
+        make_frame_dataset([source], {"pick": compute_statistics(without_aux, 7)}, cfg, split="val")
+    wrong = RLDSSource(name="pick", data_dir=str(tmp_path / "rlds"), aux_key="observation/objects")
+    with pytest.raises(KeyError, match=r"aux_key='observation/objects' is not a step feature"):
+        compute_statistics(wrong, 7)
+
+
+def test_object_positions_leave_out_the_scene_and_refuse_too_many_objects() -> None:
+    from sim.maniskill import OBJECT_SLOTS, object_positions
+
+    actors = {"cubeB": np.full((2, 13), 2.0), "table-workspace": np.ones((2, 13)), "cubeA": np.full((2, 13), 1.0)}
+    np.testing.assert_array_equal(object_positions(actors), [[1, 1, 1, 2, 2, 2]] * 2)
+    single = object_positions({"cube": np.full((3, 13), 5.0), "ground": np.zeros((3, 13))})
+    assert single.shape == (3, 3 * OBJECT_SLOTS) and (single[:, 3:] == 0).all()
+    with pytest.raises(ValueError, match=r"more than OBJECT_SLOTS=2"):
+        object_positions({name: np.zeros((2, 13)) for name in ("a", "b", "c")})

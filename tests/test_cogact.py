@@ -221,3 +221,41 @@ def test_proprio_state_conditions_the_head_and_is_normalized_at_inference() -> N
 
     np.testing.assert_allclose(chunk, unnormalize(normalized, stats["toy"]["action"])[0], atol=1e-5)
     assert model.metadata()["state_dim"] == 3
+
+
+def test_aux_head_learns_the_target_from_the_cognition_feature_and_is_training_only(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = _model_cfg(aux_dim=6, aux_loss_weight=0.5)
+    model = instantiate(cfg.model)
+    model.set_statistics(_stats())
+    batch = _batch(model)
+    with pytest.raises(ValueError, match=r"model.aux_dim=6 needs an auxiliary target.*aux_key"):
+        model.compute_loss(batch)
+    with pytest.raises(ValueError, match=r"aux targets are \[2, 3\], the model expects \[batch, 6\]"):
+        model.compute_loss({**batch, "aux": torch.zeros(2, 3)})
+
+    batch["aux"] = torch.rand(2, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(0)
+    loss, parts = model.compute_loss(batch)
+    torch.testing.assert_close(loss.detach(), parts["loss"] + 0.5 * parts["aux_loss"])
+    loss.backward()
+    assert model.aux_head[0].weight.grad.abs().sum() > 0
+    # The aux loss trains the VLM itself: its gradient reaches the vision backbone.
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_backbone.parameters())
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    aux_losses = []
+    for _ in range(30):
+        loss, parts = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        aux_losses.append(float(parts["aux_loss"]))
+    assert np.mean(aux_losses[-5:]) < 0.2 * np.mean(aux_losses[:3])
+
+    # Served checkpoints keep the head (strict load) and act without any aux input.
+    train_cfg = OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True), "unnorm_key": "toy"})
+    loaded = load_policy(save_checkpoint(tmp_path / "ckpt", model, train_cfg, _stats(), step=30))
+    torch.testing.assert_close(loaded.aux_head[2].weight, model.aux_head[2].weight)
+    chunk = loaded.predict_action(Observation(image=batch["image"][0].numpy(), prompt=batch["prompt"][0]))
+    assert chunk.shape == (model.action_horizon, 7)

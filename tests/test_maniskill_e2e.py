@@ -37,3 +37,5 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     assert entry["num_trajectories"] == 2 and entry["action"]["mask"] == [True] * 6 + [False]
     assert len(entry["proprio"]["q01"]) == 11, "the Panda state (tcp pose, fingers, goal) is recorded and normalized"
     assert entry["proprio"]["max"][8:] == [0, 0, 0], "PushCube-v1 shows its goal in the image: no goal in the state"
+    # The auxiliary target: cube and goal region positions from the recorded env states (goal region on the table).
+    assert len(entry["aux"]["q01"]) == 6 and entry["aux"]["max"][5] == entry["aux"]["min"][5]

@@ -31,7 +31,8 @@ def _run_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_smoke_run_writes_a_self_describing_checkpoint(tmp_path: Path) -> None:
-    result = _run_train(tmp_path, "model=cogact_tiny", "dataset=sample", "debug=smoke")
+    aux = ["dataset.sources.0.aux_key=observation/object_pos", "model.aux_dim=2"]  # the named target's xy
+    result = _run_train(tmp_path, "model=cogact_tiny", "dataset=sample", "debug=smoke", *aux)
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("checkpoint: ")
@@ -44,7 +45,9 @@ def test_smoke_run_writes_a_self_describing_checkpoint(tmp_path: Path) -> None:
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 6
     assert (tmp_path.parent / "data" / "rlds" / "sample" / "1.0.0" / "dataset_info.json").is_file()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert any("val/loss" in json.loads(line) for line in lines)
+    records = [json.loads(line) for line in lines]
+    assert any("val/loss" in r and "val/aux_loss" in r for r in records)
+    assert any("train/aux_loss" in r for r in records) and len(stats["sample"]["aux"]["q01"]) == 2
 
 
 @pytest.mark.slow
