@@ -193,3 +193,20 @@ def test_validation_sees_whole_weights_under_fsdp(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation on gathered weights: equal" in result.stdout
+
+
+def test_optional_input_sizes_are_checked_before_training() -> None:
+    from types import SimpleNamespace
+
+    from datasets.rlds import RLDSSource
+    from training.loop import check_input_sizes
+
+    source = RLDSSource(name="mine", data_dir="/nowhere", aux_key="observation/object_pos")
+    stats = {"mine": {"proprio": {"q01": [0.0] * 8}, "aux": {"q01": [0.0] * 6}}}
+    check_input_sizes(SimpleNamespace(proprio_dim=8, aux_dim=6), [source], stats)
+    check_input_sizes(SimpleNamespace(proprio_dim=None, aux_dim=None), [source], stats)
+    with pytest.raises(ValueError, match=r"model.aux_dim=2 but 'mine''s observation/object_pos has 6 values"):
+        check_input_sizes(SimpleNamespace(proprio_dim=8, aux_dim=2), [source], stats)
+    no_state = RLDSSource(name="mine", data_dir="/nowhere", state_key=None)
+    with pytest.raises(ValueError, match=r"model.proprio_dim=8 but dataset 'mine' sets no state_key"):
+        check_input_sizes(SimpleNamespace(proprio_dim=8, aux_dim=None), [no_state], {"mine": {}})

@@ -123,6 +123,26 @@ def _accelerator(cfg: DictConfig) -> Accelerator:
     )
 
 
+def check_input_sizes(model: Policy, sources: list, statistics: dict) -> None:
+    """The sizes of the optional inputs (proprio state, auxiliary target) a model takes agree with every dataset's."""
+    for attribute, entry, key_field in (("proprio_dim", "proprio", "state_key"), ("aux_dim", "aux", "aux_key")):
+        size = getattr(model, attribute, None)
+        if not size:
+            continue
+        for source in sources:
+            found = statistics[source.key].get(entry)
+            if not getattr(source, key_field) or found is None:
+                raise ValueError(
+                    f"model.{attribute}={size} but dataset {source.name!r} sets no {key_field}: "
+                    f"point it at a [{size}] step feature, or set model.{attribute}=null"
+                )
+            if len(found["q01"]) != size:
+                raise ValueError(
+                    f"model.{attribute}={size} but {source.name!r}'s {getattr(source, key_field)} has "
+                    f"{len(found['q01'])} values per step"
+                )
+
+
 def train(cfg: DictConfig) -> dict:
     """Runs the configured finetune; returns {"checkpoint": dir, "metric": best val loss, else the last train loss}."""
     check_import_hygiene()
@@ -140,6 +160,7 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
     with accelerator.main_process_first():
         statistics = compute_all_statistics(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
+    check_input_sizes(model, sources, statistics)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
     lora = cfg.finetune.get("lora")
