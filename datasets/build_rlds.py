@@ -88,6 +88,7 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
 
     if instruction is None:
         instruction = default_prompt(env_info.get("env_id", ""))
+    skip_objects = False
     with h5py.File(traj_path, "r") as f:
         for episode in meta["episodes"]:
             group = f[f"traj_{episode['episode_id']}"]
@@ -104,8 +105,12 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
             state = panda_state(group["obs/extra/tcp_pose"][()][:steps], group["obs/agent/qpos"][()][:steps], goal)
             actors = group.get("env_states/actors")
             objects = None
-            if actors is not None:
-                objects = object_positions({name: actors[name][()][:steps] for name in actors})
+            if actors is not None and not skip_objects:
+                try:
+                    objects = object_positions({name: actors[name][()][:steps] for name in actors})
+                except ValueError as e:  # optional: a task with other object counts still builds, without it
+                    print(f"{traj_path.name}: no observation/object_pos written: {e}", flush=True)
+                    skip_objects = True
             yield {
                 "image": group[f"obs/sensor_data/{camera}/rgb"][()][:steps],
                 "state": state,

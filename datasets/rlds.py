@@ -289,7 +289,7 @@ def dataset_fingerprint(source: RLDSSource) -> str:
 
 
 def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Path | None = None) -> dict:
-    """One pass over every episode that reads only the action and state lists of each record (datasets.
+    """One pass over every episode that reads only the action, state and aux lists of each record (datasets.
     tfrecord_columns: the image bytes are never read). Cached by `dataset_fingerprint` in cache_dir."""
     cache_file = None
     if cache_dir is not None:

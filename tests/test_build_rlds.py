@@ -68,7 +68,7 @@ def test_episode_file_missing_a_key_is_named(tmp_path) -> None:
         build_rlds(["episodes", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--name", "x"])
 
 
-def _write_maniskill_trajectory(path, lengths: list[int]) -> list[np.ndarray]:
+def _write_maniskill_trajectory(path, lengths: list[int], objects: tuple = ("cube", "goal_site")) -> list[np.ndarray]:
     """A ManiSkill3 trajectory file (.h5 + .json) as replay_trajectory writes it for PickCube-v1; returns each
     episode's actor states of the cube."""
     import json
@@ -87,8 +87,8 @@ def _write_maniskill_trajectory(path, lengths: list[int]) -> list[np.ndarray]:
             group["obs/extra/goal_pos"] = rng.normal(size=(steps + 1, 3))
             group["obs/sensor_data/base_camera/rgb"] = rng.integers(0, 256, (steps + 1, 16, 16, 3), dtype=np.uint8)
             cubes.append(rng.normal(size=(steps + 1, 13)).astype(np.float32))
-            group["env_states/actors/cube"] = cubes[-1]
-            group["env_states/actors/goal_site"] = rng.normal(size=(steps + 1, 13)).astype(np.float32)
+            for name in objects:
+                group[f"env_states/actors/{name}"] = cubes[-1] if name == "cube" else rng.normal(size=(steps + 1, 13))
             group["env_states/actors/table-workspace"] = np.zeros((steps + 1, 13), np.float32)
     meta = {
         "env_info": {"env_id": "PickCube-v1", "env_kwargs": {"control_mode": "pd_ee_delta_pose"}},
@@ -129,6 +129,14 @@ def test_maniskill_trajectories_carry_the_objects_positions_as_an_aux_target(tmp
     wrong = RLDSSource(name="pick", data_dir=str(tmp_path / "rlds"), aux_key="observation/objects")
     with pytest.raises(KeyError, match=r"aux_key='observation/objects' is not a step feature"):
         compute_statistics(wrong, 7)
+
+    # A task with more objects than OBJECT_SLOTS still builds, without the optional target.
+    crowded = tmp_path / "crowded" / "PokeCube-v1.h5"
+    crowded.parent.mkdir()
+    _write_maniskill_trajectory(crowded, [5, 6, 7, 8], objects=("cube", "peg", "goal_region"))
+    path = build_rlds(["maniskill", "--source", str(crowded), "--out", str(tmp_path / "rlds"), "--name", "poke"])
+    assert "object_pos" not in (path / "features.json").read_text()
+    assert compute_statistics(RLDSSource(name="poke", data_dir=str(tmp_path / "rlds")), 7)["num_trajectories"] == 4
 
 
 def test_object_positions_leave_out_the_scene_and_refuse_too_many_objects() -> None:

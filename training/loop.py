@@ -130,11 +130,16 @@ def check_input_sizes(model: Policy, sources: list, statistics: dict) -> None:
         if not size:
             continue
         for source in sources:
-            found = statistics[source.key].get(entry)
-            if not getattr(source, key_field) or found is None:
+            if not getattr(source, key_field):
                 raise ValueError(
                     f"model.{attribute}={size} but dataset {source.name!r} sets no {key_field}: "
                     f"point it at a [{size}] step feature, or set model.{attribute}=null"
+                )
+            found = statistics[source.key].get(entry)
+            if found is None:
+                raise ValueError(
+                    f"statistics of {source.name!r} have no {entry!r} entry for its {key_field}: recompute them "
+                    "(delete the cached statistics of this dataset)"
                 )
             if len(found["q01"]) != size:
                 raise ValueError(
@@ -231,13 +236,16 @@ def train(cfg: DictConfig) -> dict:
         scheduler.step()
         step += 1
         policy.on_optimizer_step()
-        last_loss = accelerator.gather(loss.detach()).mean().item()
+        # The action loss ("loss" of the parts; the total when a policy reports none): comparable across runs that
+        # weight auxiliary losses differently, and the returned metric when validation is off.
+        action_loss = torch.as_tensor(parts.get("loss", loss), device=loss.device).detach()
+        last_loss = accelerator.gather(action_loss).mean().item()
         throughput = frames / (time.perf_counter() - started)
         lr = scheduler.get_last_lr()[0]
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", fps=f"{throughput:.0f}")
         metrics = {"train/loss": last_loss, "train/lr": lr, "train/frames_per_s": throughput}
-        if "aux_loss" in parts:  # this rank's; "train/loss" is the total the optimizer saw
+        if "aux_loss" in parts:  # this rank's
             metrics["train/aux_loss"] = float(parts["aux_loss"])
         if step % cfg.log_every == 0:
             logger.log(step, metrics)

@@ -152,7 +152,8 @@ class CogACT(Policy):
         loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1))
         if self.aux_head is None:
             return loss, {"loss": loss.detach()}
-        aux_loss = torch.nn.functional.mse_loss(self.aux_head(cognition[:, 0]), self._aux_target(batch, cognition))
+        predicted = self.aux_head(cognition[:, 0]).float()
+        aux_loss = torch.nn.functional.mse_loss(predicted, self._aux_target(batch, cognition).float())
         # "loss" stays the action loss (validation and the best checkpoint compare it across models).
         return loss + self.aux_loss_weight * aux_loss, {"loss": loss.detach(), "aux_loss": aux_loss.detach()}
 
