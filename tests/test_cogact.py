@@ -104,19 +104,24 @@ def test_sampling_is_deterministic_given_a_seed_and_cfg_matters(tiny) -> None:
     tiny.cfg_scale = 1.5
 
 
-def test_loss_falls_when_overfitting_one_batch() -> None:
-    torch.manual_seed(0)
-    model = instantiate(_model_cfg().model)
-    batch = _batch(model)
+def _overfit(model, batch: dict, steps: int) -> list[tuple[float, dict]]:
+    """AdamW steps on one batch; each step's (loss, parts)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    losses = []
-    for _ in range(60):
-        loss, _ = model(batch)
+    history = []
+    for _ in range(steps):
+        loss, parts = model(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        history.append((loss.item(), parts))
+    return history
+
+
+def test_loss_falls_when_overfitting_one_batch() -> None:
+    torch.manual_seed(0)
+    model = instantiate(_model_cfg().model)
+    losses = [loss for loss, _ in _overfit(model, _batch(model), 60)]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
 
 
@@ -243,14 +248,7 @@ def test_aux_head_learns_the_target_from_the_cognition_feature_and_is_training_o
     # The aux loss trains the VLM itself: its gradient reaches the vision backbone.
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_backbone.parameters())
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    aux_losses = []
-    for _ in range(30):
-        loss, parts = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        aux_losses.append(float(parts["aux_loss"]))
+    aux_losses = [float(parts["aux_loss"]) for _, parts in _overfit(model, batch, 30)]
     assert np.mean(aux_losses[-5:]) < 0.2 * np.mean(aux_losses[:3])
 
     # Served checkpoints keep the head (strict load) and act without any aux input.

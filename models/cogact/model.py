@@ -153,18 +153,18 @@ class CogACT(Policy):
         if self.aux_head is None:
             return loss, {"loss": loss.detach()}
         predicted = self.aux_head(cognition[:, 0]).float()
-        aux_loss = torch.nn.functional.mse_loss(predicted, self._aux_target(batch, cognition).float())
+        aux_loss = torch.nn.functional.mse_loss(predicted, self._aux_target(batch, len(predicted)))
         # "loss" stays the action loss (validation and the best checkpoint compare it across models).
         return loss + self.aux_loss_weight * aux_loss, {"loss": loss.detach(), "aux_loss": aux_loss.detach()}
 
-    def _aux_target(self, batch: dict, cognition: torch.Tensor) -> torch.Tensor:
+    def _aux_target(self, batch: dict, batch_size: int) -> torch.Tensor:
         if "aux" not in batch:
             raise ValueError(
                 f"model.aux_dim={self.aux_dim} needs an auxiliary target in every batch: set the dataset "
                 "source's aux_key (e.g. observation/object_pos), or model.aux_dim=null"
             )
-        target = batch["aux"].to(self.device, cognition.dtype)
-        if target.shape != (cognition.shape[0], self.aux_dim):
+        target = batch["aux"].to(self.device, torch.float32)
+        if target.shape != (batch_size, self.aux_dim):
             raise ValueError(f"aux targets are {list(target.shape)}, the model expects [batch, {self.aux_dim}]")
         return target
 
