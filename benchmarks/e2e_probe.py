@@ -67,7 +67,9 @@ def first_close(policy, robot: dict, seed: int, execute_steps: int, max_steps: i
         for step in range(max_steps):
             if not chunk:
                 message = {**obs, "prompt": default_prompt(PROMPT_TASK)}
-                observation = adapt_observation(message, keys, policy.image_size, crop=policy.center_crop)
+                observation = adapt_observation(
+                    message, keys, policy.image_size, crop=policy.center_crop, roi=policy.image_roi
+                )
                 torch.manual_seed(step)
                 chunk = list(policy.predict_action(observation)[:execute_steps])
             action, _ = to_env_action(chunk.pop(0), robot, env.action_space.low, env.action_space.high)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.atomic import write_json_atomic
-from datasets.crop import CROP_AREA
+from datasets.crop import CROP_AREA, check_roi
 from datasets.statistics import normalize, summarize
 from datasets.tfrecord_columns import read_columns
 from datasets.transforms import get_action_transform
@@ -97,6 +97,7 @@ class LoaderConfig:
     frame_shuffle_buffer: int = 4_000
     augment: bool = True
     use_wrist_image: bool = False
+    image_roi: list[float] | None = None  # [top, left, height, width] fractions of the external camera's image
     num_parallel_calls: int = -1
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -421,10 +422,12 @@ def _subsample(reads: int, to_frames: Callable):
 
 
 def _decode(cfg: LoaderConfig, train: bool):
-    size = cfg.image_size
+    size, roi = cfg.image_size, check_roi(cfg.image_roi)
 
-    def decode_image(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    def decode_image(encoded: tf.Tensor, seed: tf.Tensor, roi: tuple | None = None) -> tf.Tensor:
         image = tf.io.decode_jpeg(encoded, channels=3)
+        if roi is not None:
+            image = _roi_crop(image, roi)
         augment = train and cfg.augment
         if augment:
             seeds = tf.random.experimental.stateless_split(seed, 5)
@@ -438,7 +441,7 @@ def _decode(cfg: LoaderConfig, train: bool):
 
     def decode(frame: dict, seed: tf.Tensor) -> dict:
         frame = dict(frame)
-        frame["image"] = decode_image(frame["image"], seed)
+        frame["image"] = decode_image(frame["image"], seed, roi)  # the region of interest: external camera only
         if "wrist_image" in frame:
             frame["wrist_image"] = decode_image(frame["wrist_image"], seed[::-1])
         return frame
@@ -454,6 +457,19 @@ def _decode(cfg: LoaderConfig, train: bool):
 def _crop_side(image: tf.Tensor) -> tf.Tensor:
     shape = tf.shape(image)
     return tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * CROP_AREA**0.5, tf.int32)
+
+
+def _roi_crop(image: tf.Tensor, roi: tuple[float, float, float, float]) -> tf.Tensor:
+    """The image's region of interest (`datasets.crop.roi_box`, which serving applies at inference)."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+
+    def pixels(fraction: float, side: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.round(tf.constant(fraction, tf.float32) * side), tf.int32)
+
+    top, left = pixels(roi[0], shape[0]), pixels(roi[1], shape[1])
+    height = tf.maximum(1, pixels(roi[2], shape[0]))
+    width = tf.maximum(1, pixels(roi[3], shape[1]))
+    return image[top : top + height, left : left + width]
 
 
 def _random_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

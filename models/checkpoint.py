@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, load_model, save_file
 
 from datasets.atomic import replace_dir, write_json_atomic
+from datasets.crop import check_roi
 from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, select_statistics, to_norm_stats
 from models.finetune import add_lora_adapters
 from models.policy import Policy
@@ -137,5 +138,7 @@ def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | Non
         load_model(model, str(ckpt_dir / "model.safetensors"), strict=True, device="cpu")
     statistics = load_statistics(ckpt_dir)
     model.set_statistics(statistics, unnorm_key or cfg.get("unnorm_key"))
-    model.center_crop = bool((cfg.get("loader") or {}).get("augment", False))
+    loader = cfg.get("loader") or {}
+    model.center_crop = bool(loader.get("augment", False))
+    model.image_roi = check_roi(loader.get("image_roi"))
     return model.to(torch.device(device)).eval()

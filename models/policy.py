@@ -43,6 +43,9 @@ class Policy(nn.Module):
     # True when the policy was trained on random crops (loader.augment): inference takes the central crop of the same
     # area (datasets.crop). Set from the checkpoint's config by models.load_policy.
     center_crop: bool = False
+    # [top, left, height, width] fractions of the external camera's image the policy was trained on
+    # (loader.image_roi), or None for the whole image. Set from the checkpoint's config by models.load_policy.
+    image_roi: tuple[float, float, float, float] | None = None
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch: "image" uint8 [B, H, W, 3], "prompt" list[str], "action" float [B, T, A] normalized,
@@ -76,4 +79,5 @@ class Policy(nn.Module):
             "action_horizon": self.action_horizon,
             "image_size": self.image_size,
             "center_crop": self.center_crop,
+            "image_roi": None if self.image_roi is None else list(self.image_roi),
         }

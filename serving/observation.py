@@ -1,5 +1,5 @@
-"""Client message -> canonical `Observation`: key mapping (robot.observation_keys), validation, letterboxing (and
-the central crop for models trained on random crops).
+"""Client message -> canonical `Observation`: key mapping (robot.observation_keys), validation, the region of interest
+of models trained on one (loader.image_roi), letterboxing, and the central crop for models trained on random crops.
 
 A robot config maps each canonical name (image, wrist_image, state, prompt) to the key its clients send, or to null
 when they do not send it. `image` and `prompt` are required; `wrist_image` and `state` are read when present.
@@ -7,12 +7,12 @@ when they do not send it. `image` and `prompt` are required; `wrist_image` and `
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
 
-from datasets.crop import center_crop_box
+from datasets.crop import center_crop_box, roi_box
 from models.policy import Observation
 
 REQUIRED = ("image", "prompt")
@@ -69,10 +69,13 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _image(value: object, field: str, size: int, crop: bool) -> np.ndarray:
+def _image(value: object, field: str, size: int, crop: bool, roi: Sequence[float] | None = None) -> np.ndarray:
     if not isinstance(value, np.ndarray) or value.ndim != 3 or value.shape[2] != 3 or 0 in value.shape:
         raise ObservationError(f'"{field}" must be an image {_FORMS["image"]}, got {_describe(value)}')
     if value.dtype == np.uint8:
+        if roi is not None:
+            top, left, height, width = roi_box(value.shape[0], value.shape[1], roi)
+            value = value[top : top + height, left : left + width]
         image = letterbox(value, size)
         return center_crop(image) if crop else image
     if value.dtype.kind != "f":
@@ -82,7 +85,7 @@ def _image(value: object, field: str, size: int, crop: bool) -> np.ndarray:
     low, high = float(value.min()), float(value.max())
     if low < 0 or high > 1:
         raise ObservationError(f'"{field}" is float, so it must lie in [0, 1]; got values in [{low:g}, {high:g}]')
-    return _image(np.round(value * 255).astype(np.uint8), field, size, crop)
+    return _image(np.round(value * 255).astype(np.uint8), field, size, crop, roi)
 
 
 def _state(value: object, field: str) -> np.ndarray:
@@ -98,10 +101,15 @@ def _state(value: object, field: str) -> np.ndarray:
 
 
 def adapt_observation(
-    message: Mapping, observation_keys: Mapping[str, str | None], image_size: int, crop: bool = False
+    message: Mapping,
+    observation_keys: Mapping[str, str | None],
+    image_size: int,
+    crop: bool = False,
+    roi: Sequence[float] | None = None,
 ) -> Observation:
     """Validate a decoded client message and build the canonical observation (images at image_size px square; with
-    crop, the central crop a model trained on random crops expects)."""
+    crop, the central crop a model trained on random crops expects; with roi, the external image's region of interest
+    first, as in training)."""
     missing = [observation_keys[n] for n in REQUIRED if observation_keys.get(n) and observation_keys[n] not in message]
     if missing:
         raise ObservationError(f"missing {', '.join(repr(k) for k in missing)}")
@@ -116,7 +124,7 @@ def adapt_observation(
 
     wrist, state = optional("wrist_image"), optional("state")
     return Observation(
-        image=_image(message[observation_keys["image"]], observation_keys["image"], image_size, crop),
+        image=_image(message[observation_keys["image"]], observation_keys["image"], image_size, crop, roi),
         prompt=prompt,
         wrist_image=None if wrist is None else _image(wrist, observation_keys["wrist_image"], image_size, crop),
         state=None if state is None else _state(state, observation_keys["state"]),

@@ -204,7 +204,7 @@ class PolicyServer:
             return {"status": "reset"}
         try:
             observation = adapt_observation(
-                data, self.observation_keys, self.policy.image_size, self.policy.center_crop
+                data, self.observation_keys, self.policy.image_size, self.policy.center_crop, self.policy.image_roi
             )
         except ObservationError as error:
             raise self._bad_request(str(error)) from None

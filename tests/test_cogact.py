@@ -154,9 +154,12 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
     b = loaded.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
     assert not loaded.center_crop and not loaded.metadata()["center_crop"]
-    augmented_cfg = OmegaConf.merge(cfg, {"loader": {"augment": True}})
+    assert loaded.image_roi is None and loaded.metadata()["image_roi"] is None
+    augmented_cfg = OmegaConf.merge(cfg, {"loader": {"augment": True, "image_roi": [0.25, 0.0, 0.5, 1.0]}})
     augmented = save_checkpoint(tmp_path / "aug", tiny, augmented_cfg, _stats(), step=3)
-    assert load_policy(augmented).metadata()["center_crop"] is True  # trained on random crops: served the central one
+    metadata = load_policy(augmented).metadata()
+    assert metadata["center_crop"] is True  # trained on random crops: served the central one
+    assert metadata["image_roi"] == [0.25, 0.0, 0.5, 1.0]  # and the region of interest it was trained on
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         (ckpt / "model.safetensors").unlink()
         load_policy(ckpt)

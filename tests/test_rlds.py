@@ -8,6 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from datasets.builder import EpisodeSchema, write_rlds
+from datasets.crop import check_roi, roi_box
 from datasets.rlds import (
     LoaderConfig,
     RLDSSource,
@@ -18,6 +19,7 @@ from datasets.rlds import (
     open_builder,
 )
 from datasets.statistics import normalize
+from serving.observation import adapt_observation
 
 
 def _raw_actions(root) -> list[np.ndarray]:
@@ -81,6 +83,37 @@ def test_held_out_frames_of_an_augmented_model_see_the_central_crop() -> None:
     plain = decode[False]({"image": encoded}, seed)["image"].numpy()
     cropped = decode[True]({"image": encoded}, seed)["image"].numpy()
     assert plain[0].max() < 60 and cropped.min() > 190
+
+
+def test_region_of_interest_is_cropped_alike_in_training_and_serving() -> None:
+    image = np.full((128, 128, 3), 100, np.uint8)
+    image[:20] = (255, 0, 0)  # outside the region of interest
+    image[70:82, 50:62] = (0, 255, 0)  # inside it
+    roi = [0.33, 0.19, 0.62, 0.62]
+    assert roi_box(128, 128, roi) == (42, 24, 79, 79)
+    encoded = tf.io.encode_jpeg(image, quality=100)
+    decoded = tf.io.decode_jpeg(encoded).numpy()
+    trained = _decode(LoaderConfig(image_size=112, image_roi=roi), train=False)(
+        {"image": encoded}, tf.constant([1, 2], tf.int64)
+    )["image"].numpy()
+    message = {"image": decoded, "prompt": "p"}
+    served = adapt_observation(message, {"image": "image", "prompt": "prompt"}, 112, crop=True, roi=roi).image
+    whole = adapt_observation(message, {"image": "image", "prompt": "prompt"}, 112, crop=True).image
+
+    def green_centre(frame: np.ndarray) -> np.ndarray:
+        rows, cols = np.nonzero((frame[..., 1] > 200) & (frame[..., 0] < 60))
+        return np.array([rows.mean(), cols.mean()])
+
+    # the ROI (rows 42-120, columns 24-102), then the central crop of 0.9 of its area (side 74, from 2 px in),
+    # resized to 112: the green square's centre (75.5, 55.5) lands at ((75.5-44) * 112/74, (55.5-26) * 112/74)
+    expected = np.array([(75.5 - 44) * 112 / 74, (55.5 - 26) * 112 / 74])
+    for frame in (trained, served):
+        assert frame.shape == (112, 112, 3) and not ((frame[..., 0] > 200) & (frame[..., 1] < 60)).any()
+        np.testing.assert_allclose(green_centre(frame), expected, atol=1.0)
+    assert np.abs(green_centre(whole) - expected).max() > 10  # without the ROI the square sits elsewhere
+    for bad in ([0.5, 0.5, 0.6, 0.2], [0.1, 0.1, 0.5], "workspace", [0.1, -0.1, 0.5, 0.5]):
+        with pytest.raises(ValueError, match=r"loader\.image_roi=.*\[top, left, height, width\]"):
+            check_roi(bad)
 
 
 def test_train_split_is_shuffled_augmented_and_endless(sample_rlds) -> None:
