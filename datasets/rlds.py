@@ -363,11 +363,12 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
     tf_mask = tf.constant(mask)
     # Past the episode end: no motion (the normalized value of a raw zero) on normalized dims, last value elsewhere.
     pad_value = tf.constant(normalize(np.zeros(cfg.action_dim), {**action_stats, "mask": mask}))
+    inputs = _optional_inputs(source, stats, cfg)
     normalize_state = None
-    if source.state_key and "proprio" in stats:
+    if "state" in inputs:
         normalize_state = _bounds_q99(stats["proprio"], np.ones(len(stats["proprio"]["q01"]), bool))
     normalize_aux = None
-    if source.aux_key:
+    if "aux" in inputs:
         if "aux" not in stats:
             raise ValueError(
                 f"{source.name}: aux_key={source.aux_key!r} is set but its statistics have no 'aux' entry; "
@@ -392,7 +393,7 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
             "frame_index": tf.range(length),
             "episode_index": tf.fill([length], episode["episode_index"]),
         }
-        if cfg.use_wrist_image and source.wrist_image_key:
+        if "wrist_image" in inputs:
             frame["wrist_image"] = _get(steps, source.wrist_image_key)
         if normalize_state is not None:
             frame["state"] = normalize_state(tf.cast(_get(steps, source.state_key), tf.float32))
@@ -401,6 +402,28 @@ def _frames(source: RLDSSource, stats: dict, cfg: LoaderConfig, index: int):
         return frame
 
     return to_frames
+
+
+def _optional_inputs(source: RLDSSource, stats: dict, cfg: LoaderConfig) -> list[str]:
+    """The optional frame keys a source's frames carry (as `_frames` makes them)."""
+    carried = {
+        "wrist_image": bool(cfg.use_wrist_image and source.wrist_image_key),
+        "state": bool(source.state_key and "proprio" in stats),
+        "aux": bool(source.aux_key),
+    }
+    return [key for key, present in carried.items() if present]
+
+
+def _check_same_inputs(sources: list[RLDSSource], statistics: dict, cfg: LoaderConfig) -> None:
+    """Mixed sources must carry the same optional inputs: a batch cannot hold a state for some frames only."""
+    carried = [(source.name, _optional_inputs(source, statistics[source.key], cfg)) for source in sources]
+    if len({tuple(keys) for _, keys in carried}) > 1:
+        listing = "; ".join(f"{name}: {keys or 'none'}" for name, keys in carried)
+        raise ValueError(
+            f"the dataset's sources carry different optional inputs ({listing}); expected the same for every source: "
+            "set state_key / aux_key / wrist_image_key on all of them or on none (state also needs 'proprio' "
+            "statistics)"
+        )
 
 
 def _derived_seed(*parts) -> int:
@@ -527,6 +550,7 @@ def make_frame_dataset(
         raise ValueError(
             f"loader.episode_reads must be at least 1 (1 = every frame of a read), got {cfg.episode_reads}"
         )
+    _check_same_inputs(sources, statistics, cfg)
     tfds_split = split_name(split, cfg.val_fraction)
     parallel = cfg.num_parallel_calls if cfg.num_parallel_calls > 0 else tf.data.AUTOTUNE
     per_source = []

@@ -134,6 +134,10 @@ def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
     batches = iterate_torch(make_frame_dataset([a, b], {"sample": stats, "sample_b": stats}, cfg))
     index = np.concatenate([next(batches)["dataset_index"].numpy() for _ in range(8)])
     assert 0.6 < (index == 1).mean() < 0.9
+    with_aux = RLDSSource(name="sample", data_dir=str(sample_rlds), aux_key="observation/object_pos")
+    mixed = {"sample": compute_statistics(with_aux, 7, None), "sample_b": stats}
+    with pytest.raises(ValueError, match=r"sample: \['state', 'aux'\]; sample: \['state'\]\); expected the same"):
+        make_frame_dataset([with_aux, b], mixed, cfg)
 
 
 def test_bad_inputs_name_what_is_wrong(sample_rlds, tmp_path) -> None:
