@@ -45,6 +45,8 @@ def aux_errors(policy, ckpt: Path, rlds_root: Path, batches: int) -> np.ndarray:
             cognition = policy.cognition_features(batch["image"], batch["prompt"])
             predicted.append(policy.aux_head(cognition[:, 0]).float().numpy())
             recorded.append(batch["aux"].numpy())
+    if not predicted:
+        raise SystemExit(f"{rlds_root}: the run's held-out split (loader.val_fraction) has no frames")
     stats = statistics[sources[0].key]["aux"]
     predicted, recorded = (unnormalize(np.concatenate(x), stats, binarize_gripper=False) for x in (predicted, recorded))
     return np.abs(predicted - recorded)

@@ -39,3 +39,21 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     assert entry["proprio"]["max"][8:] == [0, 0, 0], "PushCube-v1 shows its goal in the image: no goal in the state"
     # The auxiliary target: cube and goal region positions from the recorded env states (goal region on the table).
     assert len(entry["aux"]["q01"]) == 6 and entry["aux"]["max"][5] == entry["aux"]["min"][5]
+
+    # The diagnostics the README quotes (benchmarks/e2e_probe.py) run on the miniature's checkpoint and dataset.
+    (checkpoint,) = (tmp_path / "runs").glob("*/checkpoints/step_*")
+    probe_args = ["--rlds", str(tmp_path / "data" / "rlds"), "--seeds", "100000", "--max-steps", "8"]
+    probe = subprocess.run(
+        [sys.executable, "-m", "benchmarks.e2e_probe", str(checkpoint), *probe_args, "--val-batches", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert "PickCube-v1 seed 100000: " in probe.stdout and "; grasped: " in probe.stdout
+    frames = int(probe.stdout.split("object-position head on ")[1].split()[0])
+    mean = probe.stdout.split("mean")[1].splitlines()[0]
+    errors = [float(v) for v in mean.strip(" []").split(",")]
+    assert frames > 0 and len(errors) == 6 and all(e >= 0 for e in errors)
