@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> float:
             clients.append(PolicyClient(host, port, cfg.api_key, cfg.reconnect.attempts, cfg.reconnect.timeout_s))
             stack.callback(clients[-1].close)
         metadata = clients[0].metadata
-        image_size = cfg.image_size or metadata.get("image_size")
+        image_size = cfg.image_size or robot.get("camera_size") or metadata.get("image_size")
         if not image_size:
             raise SystemExit("eval_maniskill.py: the server's metadata has no image_size; pass image_size=<pixels>")
         if not cfg.ensemble.enabled and cfg.execute_steps > metadata.get("action_horizon", cfg.execute_steps):

@@ -193,7 +193,6 @@ def main() -> None:
                 f"env_id={task}",
                 f"num_episodes={args.eval_episodes}",
                 f"seed={EVAL_SEED_OFFSET}",
-                "image_size=128",
                 f"max_steps={budget}",
                 f"workers={1 if args.mini else args.workers}",
                 f"hydra.run.dir={work / 'eval' / stamp / task}",

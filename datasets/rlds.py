@@ -127,6 +127,12 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
     return builder
 
 
+def image_side(source: RLDSSource) -> int:
+    """The longer side in px of the source's (external camera) images, from its TFDS features."""
+    shape = _get(open_builder(source).info.features["steps"].feature, source.image_key).shape
+    return int(max(shape[:2]))
+
+
 def _flatten_keys(features, prefix: str = "") -> list[str]:
     keys = []
     for name, feature in features.items():

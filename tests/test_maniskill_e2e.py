@@ -32,6 +32,7 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     (results,) = (tmp_path / "eval").glob("*/PushCube-v1/results.json")
     record = json.loads(results.read_text())
     assert record["num_episodes"] == 1 and record["config"]["prompt"]
+    assert record["config"]["image_size"] == 128, "rendered at the demonstrations' size, which the checkpoint records"
     (stats,) = (tmp_path / "runs").glob("*/dataset_statistics.json")
     entry = json.loads(stats.read_text())["maniskill_e2e"]
     assert entry["num_trajectories"] == 2 and entry["action"]["mask"] == [True] * 6 + [False]

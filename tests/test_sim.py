@@ -500,7 +500,7 @@ def test_eval_entry_point_on_pick_object_against_a_running_server(tmp_path: Path
                 "env_id=PickObject-v1",
                 "num_episodes=2",
                 "max_steps=4",
-                "image_size=64",
+                "robot.camera_size=64",  # as a checkpoint's robot config records it (the policy's images are 32 px)
                 f"hydra.run.dir={tmp_path}",
             ],
             capture_output=True,

@@ -43,6 +43,8 @@ def test_smoke_run_writes_a_self_describing_checkpoint(tmp_path: Path) -> None:
     stats = json.loads((ckpt / "dataset_statistics.json").read_text())
     assert set(stats["sample"]) >= {"action", "proprio", "num_transitions", "num_trajectories"}
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 6
+    saved = OmegaConf.load(ckpt / "config.yaml")
+    assert saved.unnorm_key == "sample" and saved.robot.camera_size == 64  # the sample dataset's 64 px images
     assert (tmp_path.parent / "data" / "rlds" / "sample" / "1.0.0" / "dataset_info.json").is_file()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]

@@ -4,6 +4,7 @@ exact resume. CPU, one GPU, DDP, FSDP and DeepSpeed all come from `accelerate la
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from datasets.atomic import write_json_atomic
@@ -23,6 +24,7 @@ from datasets.rlds import (
     LoaderConfig,
     compute_all_statistics,
     count_episodes,
+    image_side,
     iterate_torch,
     make_frame_dataset,
     open_builder,
@@ -208,7 +210,13 @@ def train(cfg: DictConfig) -> dict:
     keys = [s.key for s in sources]
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
-    final_cfg = OmegaConf.merge(cfg, {"unnorm_key": unnorm_key})
+    # The checkpoint says what it trained on: the statistics it un-normalizes with, and the camera resolution of
+    # that dataset (eval_maniskill.py renders at it unless told otherwise).
+    final_cfg = copy.deepcopy(cfg)
+    with open_dict(final_cfg):  # a custom robot config may lack camera_size
+        final_cfg.unnorm_key = unnorm_key
+        unnorm_source = next((s for s in sources if s.key == unnorm_key), sources[0])
+        final_cfg.robot.camera_size = cfg.robot.get("camera_size") or image_side(unnorm_source)
     trainable_only = cfg.finetune.mode == "lora" and bool(cfg.model.get("pretrained"))
     checkpoint, last_loss = None, math.nan
     progress = tqdm(
