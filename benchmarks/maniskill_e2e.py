@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("PushCube-v1", "PickCube-v1", "StackCube-v1")
 EVAL_SEED_OFFSET = 100_000  # demonstrations use seeds from 0; evaluation seeds never overlap them
+DEFAULT_CAMERA_SIZE = 128  # ManiSkill's default camera resolution
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> str:
@@ -44,10 +45,25 @@ def last_line_value(stdout: str, prefix: str) -> str:
     return lines[-1].removeprefix(prefix).strip()
 
 
-def record_demos(task: str, count: int, work: Path, logs: Path, envs: int = 1) -> Path:
-    """`count` motion-planning demos (pd_joint_pos), replayed into pd_ee_delta_pose with RGB observations by `envs`
-    processes; returns the replayed .h5 path. Stages whose output exists are skipped."""
-    out = work / "demos" / task
+def with_camera_size(source: Path, camera_size: int) -> Path:
+    """A copy of a recorded trajectory's .json whose env kwargs render the cameras at camera_size px (its .h5 linked
+    beside it), for replay_trajectory, which makes the replay env from those kwargs."""
+    variant = source.with_name(f"{source.stem}_{camera_size}px.h5")
+    info = json.loads(source.with_suffix(".json").read_text())
+    sensors = info["env_info"]["env_kwargs"].setdefault("sensor_configs", {})
+    sensors.update(width=camera_size, height=camera_size)
+    variant.with_suffix(".json").write_text(json.dumps(info))
+    if not variant.exists():
+        variant.symlink_to(source.name)
+    return variant
+
+
+def record_demos(
+    task: str, count: int, work: Path, logs: Path, envs: int = 1, camera_size: int = DEFAULT_CAMERA_SIZE
+) -> Path:
+    """`count` motion-planning demos (pd_joint_pos), replayed into pd_ee_delta_pose with RGB observations of
+    camera_size px by `envs` processes; returns the replayed .h5 path. Stages whose output exists are skipped."""
+    out = work / ("demos" if camera_size == DEFAULT_CAMERA_SIZE else f"demos_{camera_size}px") / task
     if not list(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")):
         source = work / "demos" / task / "motionplanning" / f"{task}.h5"
         if not source.is_file():
@@ -76,7 +92,7 @@ def record_demos(task: str, count: int, work: Path, logs: Path, envs: int = 1) -
                 "-m",
                 "mani_skill.trajectory.replay_trajectory",
                 "--traj-path",
-                str(source),
+                str(source if camera_size == DEFAULT_CAMERA_SIZE else with_camera_size(source, camera_size)),
                 "-o",
                 "rgb",
                 "-c",
@@ -91,9 +107,10 @@ def record_demos(task: str, count: int, work: Path, logs: Path, envs: int = 1) -
             ],
             logs / f"replay_{task}.log",
         )
-        for path in (work / "demos" / task / "motionplanning").glob(f"{task}.rgb.pd_ee_delta_pose.*"):
+        replayed = source.with_name(source.stem if camera_size == DEFAULT_CAMERA_SIZE else f"{task}_{camera_size}px")
+        for path in source.parent.glob(f"{replayed.name}.rgb.pd_ee_delta_pose.*"):
             out.mkdir(parents=True, exist_ok=True)
-            path.rename(out / path.name)
+            path.rename(out / path.name.replace(replayed.name, task, 1))
     (replayed,) = out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")
     return replayed
 
@@ -117,6 +134,9 @@ def main() -> None:
     parser.add_argument(
         "--task-demos", nargs="*", default=[], metavar="TASK=N", help="per-task demonstration counts over --demos"
     )
+    parser.add_argument(
+        "--camera-size", type=int, default=DEFAULT_CAMERA_SIZE, help="px of the demos' and evaluation's camera"
+    )
     parser.add_argument("--replay-envs", type=int, default=os.cpu_count() or 1, help="processes replaying demos")
     parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
     parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
@@ -129,20 +149,21 @@ def main() -> None:
         args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
     work, stamp = args.work_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     logs = work / "logs" / stamp
-    env = {**os.environ, "VLA_DATA_DIR": str(work / "data"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    data = work / ("data" if args.camera_size == DEFAULT_CAMERA_SIZE else f"data_{args.camera_size}px")
+    env = {**os.environ, "VLA_DATA_DIR": str(data), "TF_CPP_MIN_LOG_LEVEL": "2"}
     wall: dict[str, float] = {}
 
     started = time.perf_counter()
     counts = {task: args.demos for task in args.tasks}
     counts.update({task: int(n) for task, n in (item.split("=") for item in args.task_demos)})
     envs = 1 if args.mini else args.replay_envs
-    trajectories = [record_demos(task, counts[task], work, logs, envs) for task in args.tasks]
+    trajectories = [record_demos(task, counts[task], work, logs, envs, args.camera_size) for task in args.tasks]
     wall["demonstrations_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     from datasets.build_rlds import main as build_rlds
 
-    dataset_root = work / "data" / "rlds"
+    dataset_root = data / "rlds"
     build_rlds(
         [
             "maniskill",
@@ -152,7 +173,7 @@ def main() -> None:
             "--name",
             "maniskill_e2e",
             "--image-size",
-            "128",
+            str(args.camera_size),
             "--shards",
             "1" if args.mini else "4",
         ]

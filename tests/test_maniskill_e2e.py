@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -17,8 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "disabled"}
+    # A camera size of its own: replayed from a copy of the recording whose env kwargs set the cameras' size.
+    recipe = ["--mini", "--camera-size", "96", "--work-dir", str(tmp_path)]
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.maniskill_e2e", "--mini", "--work-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.maniskill_e2e", *recipe],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -26,13 +29,16 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (dataset,) = (tmp_path / "data" / "rlds" / "maniskill_e2e").iterdir()
+    (dataset,) = (tmp_path / "data_96px" / "rlds" / "maniskill_e2e").iterdir()
     info = json.loads((dataset / "dataset_info.json").read_text())
     assert int(info["splits"][0]["shardLengths"][0]) == 2  # two demonstrations became two RLDS episodes
     (results,) = (tmp_path / "eval").glob("*/PushCube-v1/results.json")
     record = json.loads(results.read_text())
     assert record["num_episodes"] == 1 and record["config"]["prompt"]
-    assert record["config"]["image_size"] == 128, "rendered at the demonstrations' size, which the checkpoint records"
+    assert record["config"]["image_size"] == 96, "rendered at the demonstrations' size, which the checkpoint records"
+    (replayed,) = (tmp_path / "demos_96px" / "PushCube-v1").glob("PushCube-v1.rgb.pd_ee_delta_pose.*.h5")
+    with h5py.File(replayed) as demos:
+        assert demos["traj_0/obs/sensor_data/base_camera/rgb"].shape[1:] == (96, 96, 3)
     (stats,) = (tmp_path / "runs").glob("*/dataset_statistics.json")
     entry = json.loads(stats.read_text())["maniskill_e2e"]
     assert entry["num_trajectories"] == 2 and entry["action"]["mask"] == [True] * 6 + [False]
@@ -43,7 +49,7 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
 
     # The diagnostics the README quotes (benchmarks/e2e_probe.py) run on the miniature's checkpoint and dataset.
     (checkpoint,) = (tmp_path / "runs").glob("*/checkpoints/step_*")
-    probe_args = ["--rlds", str(tmp_path / "data" / "rlds"), "--seeds", "100000", "--max-steps", "8"]
+    probe_args = ["--rlds", str(tmp_path / "data_96px" / "rlds"), "--seeds", "100000", "--max-steps", "8"]
     probe = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e_probe", str(checkpoint), *probe_args, "--val-batches", "1"],
         cwd=REPO,
