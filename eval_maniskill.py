@@ -60,7 +60,10 @@ def main(cfg: DictConfig) -> float:
             clients.append(PolicyClient(host, port, cfg.api_key, cfg.reconnect.attempts, cfg.reconnect.timeout_s))
             stack.callback(clients[-1].close)
         metadata = clients[0].metadata
-        image_size = cfg.image_size or robot.get("camera_size") or metadata.get("image_size")
+        # As trained: the robot config's camera size (a checkpoint's records its dataset's), else the server's.
+        image_size = (
+            cfg.image_size or robot.get("camera_size") or metadata.get("camera_size") or metadata.get("image_size")
+        )
         if not image_size:
             raise SystemExit("eval_maniskill.py: the server's metadata has no image_size; pass image_size=<pixels>")
         if not cfg.ensemble.enabled and cfg.execute_steps > metadata.get("action_horizon", cfg.execute_steps):

@@ -59,7 +59,8 @@ def first_close(policy, robot: dict, seed: int, execute_steps: int, max_steps: i
     from sim.actions import to_env_action
     from sim.maniskill import default_prompt, make_eval_env
 
-    env = make_eval_env(PROMPT_TASK, robot["control_mode"], 128, robot["camera"], max_steps)
+    camera_size = robot.get("camera_size") or 128  # as trained (checkpoints record it), else ManiSkill's default
+    env = make_eval_env(PROMPT_TASK, robot["control_mode"], camera_size, robot["camera"], max_steps)
     task = env.unwrapped
     keys = {"image": "image", "wrist_image": None, "state": "state", "prompt": "prompt"}
     offset, grasped = None, False

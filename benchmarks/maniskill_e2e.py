@@ -50,8 +50,8 @@ def with_camera_size(source: Path, camera_size: int) -> Path:
     beside it), for replay_trajectory, which makes the replay env from those kwargs."""
     variant = source.with_name(f"{source.stem}_{camera_size}px.h5")
     info = json.loads(source.with_suffix(".json").read_text())
-    sensors = info["env_info"]["env_kwargs"].setdefault("sensor_configs", {})
-    sensors.update(width=camera_size, height=camera_size)
+    kwargs = info["env_info"]["env_kwargs"]
+    kwargs["sensor_configs"] = {**(kwargs.get("sensor_configs") or {}), "width": camera_size, "height": camera_size}
     variant.with_suffix(".json").write_text(json.dumps(info))
     if not variant.exists():
         variant.symlink_to(source.name)

@@ -22,12 +22,12 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 from tqdm import tqdm
 
 from datasets.builder import SPLIT_FIRST_TEMPLATE, EpisodeSchema, write_rlds
+from datasets.crop import resize_square
 
 EPISODE_KEYS = ("image", "state", "action", "language_instruction")
 
@@ -35,7 +35,7 @@ EPISODE_KEYS = ("image", "state", "action", "language_instruction")
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images, dtype=np.uint8)
-    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images]).astype(np.uint8)
+    return np.stack([resize_square(np.asarray(im, np.uint8), size) for im in images])
 
 
 def _text(value: object) -> str:

@@ -1,4 +1,5 @@
-"""The crop of training augmentation and its inference-time counterpart (TensorFlow-free, shared with serving).
+"""The image geometry training and serving share (TensorFlow-free): resizing to the square, the region of interest,
+and the crop of training augmentation with its inference-time counterpart.
 
 Training with `loader.augment` takes a random square crop of CROP_AREA of each image's area (OpenVLA's recipe), so
 the model learns from views zoomed by 1/sqrt(CROP_AREA). Held-out frames and inference then take the central crop of
@@ -12,33 +13,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 CROP_AREA = 0.9
 
 
-def crop_side(height: int, width: int) -> int:
-    """Side of the square crop of CROP_AREA of an image's area (computed as the TF pipeline does, in float32)."""
-    return int(np.float32(min(height, width)) * np.float32(CROP_AREA**0.5))
+def crop_shape(height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the crop of CROP_AREA of an image's area, of the image's aspect ratio (computed as the TF
+    pipeline does, in float32). Resized to the model's square afterwards, as the whole image would be."""
+    scale = np.float32(CROP_AREA**0.5)
+    return int(np.float32(height) * scale), int(np.float32(width) * scale)
 
 
-def center_crop_box(height: int, width: int) -> tuple[int, int, int]:
-    """(top, left, side) of the central crop."""
-    side = crop_side(height, width)
-    return (height - side) // 2, (width - side) // 2, side
+def center_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the central crop."""
+    crop_h, crop_w = crop_shape(height, width)
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
 def roi_box(height: int, width: int, roi: Sequence[float]) -> tuple[int, int, int, int]:
     """(top, left, height, width) in pixels of `loader.image_roi` = [top, left, height, width] as fractions of the
-    image (computed as the TF pipeline does: float32 products, rounded half to even)."""
-    top, left, box_h, box_w = (np.float32(v) for v in roi)
-    size_h, size_w = np.float32(height), np.float32(width)
-    return (
-        int(np.round(top * size_h)),
-        int(np.round(left * size_w)),
-        max(1, int(np.round(box_h * size_h))),
-        max(1, int(np.round(box_w * size_w))),
-    )
+    image: float32 products rounded half to even, at least one pixel, inside the image (as datasets.rlds._roi_crop)."""
+
+    def span(start: float, length: float, size: int) -> tuple[int, int]:
+        first = min(int(np.round(np.float32(start) * np.float32(size))), size - 1)
+        return first, min(max(1, int(np.round(np.float32(length) * np.float32(size)))), size - first)
+
+    (top, box_h), (left, box_w) = span(roi[0], roi[2], height), span(roi[1], roi[3], width)
+    return top, left, box_h, box_w
 
 
 def check_roi(roi: object) -> tuple[float, float, float, float] | None:
@@ -56,3 +59,13 @@ def check_roi(roi: object) -> tuple[float, float, float, float] | None:
             "a box inside it (e.g. [0.33, 0.19, 0.62, 0.62])"
         )
     return values
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3], the aspect ratio not kept (as OpenVLA and CogACT resize theirs): how
+    the RLDS builder stores frames and the server resizes clients' images, a non-square camera alike in both."""
+    height, width = image.shape[:2]
+    if (height, width) == (size, size):
+        return np.array(image)  # a copy: arrays decoded from msgpack are read-only
+    interpolation = cv2.INTER_AREA if size < min(height, width) else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interpolation)

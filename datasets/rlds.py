@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,10 +97,13 @@ class LoaderConfig:
     frame_shuffle_buffer: int = 4_000
     augment: bool = True
     use_wrist_image: bool = False
-    image_roi: list[float] | None = None  # [top, left, height, width] fractions of the external camera's image
+    image_roi: Sequence[float] | None = None  # [top, left, height, width] fractions of the external camera's image
     num_parallel_calls: int = -1
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.image_roi = check_roi(self.image_roi)
 
 
 def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core.DatasetBuilder:
@@ -127,10 +130,11 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
     return builder
 
 
-def image_side(source: RLDSSource) -> int:
-    """The longer side in px of the source's (external camera) images, from its TFDS features."""
+def image_side(source: RLDSSource) -> int | None:
+    """The longer side in px of the source's (external camera) images, from its TFDS features; None when the
+    features leave it open."""
     shape = _get(open_builder(source).info.features["steps"].feature, source.image_key).shape
-    return int(max(shape[:2]))
+    return None if None in shape[:2] else int(max(shape[:2]))
 
 
 def _flatten_keys(features, prefix: str = "") -> list[str]:
@@ -422,7 +426,7 @@ def _optional_inputs(source: RLDSSource, stats: dict, cfg: LoaderConfig) -> list
 
 def _check_same_inputs(sources: list[RLDSSource], statistics: dict, cfg: LoaderConfig) -> None:
     """Mixed sources must carry the same optional inputs: a batch cannot hold a state for some frames only."""
-    carried = [(source.name, _optional_inputs(source, statistics[source.key], cfg)) for source in sources]
+    carried = [(source.key, _optional_inputs(source, statistics[source.key], cfg)) for source in sources]
     if len({tuple(keys) for _, keys in carried}) > 1:
         listing = "; ".join(f"{name}: {keys or 'none'}" for name, keys in carried)
         raise ValueError(
@@ -451,7 +455,7 @@ def _subsample(reads: int, to_frames: Callable):
 
 
 def _decode(cfg: LoaderConfig, train: bool):
-    size, roi = cfg.image_size, check_roi(cfg.image_roi)
+    size, roi = cfg.image_size, cfg.image_roi
 
     def decode_image(encoded: tf.Tensor, seed: tf.Tensor, roi: tuple | None = None) -> tf.Tensor:
         image = tf.io.decode_jpeg(encoded, channels=3)
@@ -478,40 +482,44 @@ def _decode(cfg: LoaderConfig, train: bool):
     return decode
 
 
-# OpenVLA's augmentation recipe, split in two: random resized crop (area 0.9, square) on the decoded image, then
+# OpenVLA's augmentation recipe, split in two: random resized crop (area 0.9, of the image's aspect ratio: square on
+# OpenVLA's square images; a non-square image is squashed to the square afterwards, as it is whole) on the decoded
+# image, then
 # brightness 0.2, contrast and saturation 0.8-1.2, hue 0.05 on the resized one. Stateless ops: the same frame seed gives
 # the same augmentation whatever thread runs it, so a resumed run sees exactly the images an uninterrupted one would.
 
 
-def _crop_side(image: tf.Tensor) -> tf.Tensor:
-    shape = tf.shape(image)
-    return tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * CROP_AREA**0.5, tf.int32)
+def _crop_shape(image: tf.Tensor) -> tf.Tensor:
+    """[height, width] of the crop of CROP_AREA of the image's area (`datasets.crop.crop_shape`)."""
+    return tf.cast(tf.cast(tf.shape(image)[:2], tf.float32) * CROP_AREA**0.5, tf.int32)
 
 
 def _roi_crop(image: tf.Tensor, roi: tuple[float, float, float, float]) -> tf.Tensor:
     """The image's region of interest (`datasets.crop.roi_box`, which serving applies at inference)."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    size = tf.shape(image)[:2]
 
-    def pixels(fraction: float, side: tf.Tensor) -> tf.Tensor:
-        return tf.cast(tf.round(tf.constant(fraction, tf.float32) * side), tf.int32)
+    def span(start: float, length: float, side: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def pixels(fraction: float) -> tf.Tensor:
+            return tf.cast(tf.round(tf.constant(fraction, tf.float32) * tf.cast(side, tf.float32)), tf.int32)
 
-    top, left = pixels(roi[0], shape[0]), pixels(roi[1], shape[1])
-    height = tf.maximum(1, pixels(roi[2], shape[0]))
-    width = tf.maximum(1, pixels(roi[3], shape[1]))
+        first = tf.minimum(pixels(start), side - 1)
+        return first, tf.minimum(tf.maximum(1, pixels(length)), side - first)
+
+    (top, height), (left, width) = span(roi[0], roi[2], size[0]), span(roi[1], roi[3], size[1])
     return image[top : top + height, left : left + width]
 
 
 def _random_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """A random square crop of CROP_AREA of the image's area. image: [H, W, 3] (any dtype); seed: int64 [2]."""
-    side = _crop_side(image)
-    return tf.image.stateless_random_crop(image, [side, side, 3], seed=seed)
+    """A random crop of CROP_AREA of the image's area, of its aspect ratio. image: [H, W, 3]; seed: int64 [2]."""
+    crop = _crop_shape(image)
+    return tf.image.stateless_random_crop(image, [crop[0], crop[1], 3], seed=seed)
 
 
 def _center_crop(image: tf.Tensor) -> tf.Tensor:
-    """The central square crop of CROP_AREA of the image's area (`serving.observation.center_crop` at inference)."""
-    shape, side = tf.shape(image), _crop_side(image)
-    top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
-    return image[top : top + side, left : left + side]
+    """The central crop of CROP_AREA of the image's area (`serving.observation.center_crop` at inference)."""
+    shape, crop = tf.shape(image), _crop_shape(image)
+    top, left = (shape[0] - crop[0]) // 2, (shape[1] - crop[1]) // 2
+    return image[top : top + crop[0], left : left + crop[1]]
 
 
 def _jitter_colors(image: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:

@@ -141,4 +141,5 @@ def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | Non
     loader = cfg.get("loader") or {}
     model.center_crop = bool(loader.get("augment", False))
     model.image_roi = check_roi(loader.get("image_roi"))
+    model.camera_size = (cfg.get("robot") or {}).get("camera_size")
     return model.to(torch.device(device)).eval()

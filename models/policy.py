@@ -46,6 +46,8 @@ class Policy(nn.Module):
     # [top, left, height, width] fractions of the external camera's image the policy was trained on
     # (loader.image_roi), or None for the whole image. Set from the checkpoint's config by models.load_policy.
     image_roi: tuple[float, float, float, float] | None = None
+    # px of the camera images it trained on (robot.camera_size, which train.py records), or None when unknown.
+    camera_size: int | None = None
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch: "image" uint8 [B, H, W, 3], "prompt" list[str], "action" float [B, T, A] normalized,
@@ -80,4 +82,5 @@ class Policy(nn.Module):
             "image_size": self.image_size,
             "center_crop": self.center_crop,
             "image_roi": None if self.image_roi is None else list(self.image_roi),
+            "camera_size": self.camera_size,
         }

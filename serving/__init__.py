@@ -1,6 +1,6 @@
 """The openpi WebSocket policy server (`serving.server`) and the client-message adapter (`serving.observation`)."""
 
-from serving.observation import ObservationError, adapt_observation, expected_form, letterbox
+from serving.observation import ObservationError, adapt_observation, expected_form
 from serving.server import PolicyServer, ServerThread, run_server, wait_for_server
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "ServerThread",
     "adapt_observation",
     "expected_form",
-    "letterbox",
     "run_server",
     "wait_for_server",
 ]

@@ -1,5 +1,6 @@
 """Client message -> canonical `Observation`: key mapping (robot.observation_keys), validation, the region of interest
-of models trained on one (loader.image_roi), letterboxing, and the central crop for models trained on random crops.
+of models trained on one (loader.image_roi), resizing to the model's square, and the central crop for models trained
+on random crops: the geometry of training (datasets.crop), so that a frame looks as it did in training.
 
 A robot config maps each canonical name (image, wrist_image, state, prompt) to the key its clients send, or to null
 when they do not send it. `image` and `prompt` are required; `wrist_image` and `state` are read when present.
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import cv2
 import numpy as np
 
-from datasets.crop import center_crop_box, roi_box
+from datasets.crop import center_crop_box, resize_square, roi_box
 from models.policy import Observation
 
 REQUIRED = ("image", "prompt")
@@ -39,27 +40,12 @@ def expected_form(observation_keys: Mapping[str, str | None]) -> str:
     return "{" + fields(REQUIRED) + "}" + (f" (optional: {optional})" if optional else "")
 
 
-def letterbox(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: resized keeping the aspect ratio, centered, padded with black."""
-    height, width = image.shape[:2]
-    if (height, width) == (size, size):
-        return np.array(image)  # a copy: arrays decoded from msgpack are read-only
-    scale = size / max(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(np.ascontiguousarray(image), (new_w, new_h), interpolation=interpolation)
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = resized
-    return out
-
-
 def center_crop(image: np.ndarray) -> np.ndarray:
     """uint8 [S, S, 3] -> the central crop of datasets.crop.CROP_AREA of its area, resized back to [S, S, 3]: what a
     model trained on random crops saw, on average."""
     height, width = image.shape[:2]
-    top, left, side = center_crop_box(height, width)
-    crop = np.ascontiguousarray(image[top : top + side, left : left + side])
+    top, left, crop_h, crop_w = center_crop_box(height, width)
+    crop = np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w])
     return cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
@@ -76,7 +62,7 @@ def _image(value: object, field: str, size: int, crop: bool, roi: Sequence[float
         if roi is not None:
             top, left, height, width = roi_box(value.shape[0], value.shape[1], roi)
             value = value[top : top + height, left : left + width]
-        image = letterbox(value, size)
+        image = resize_square(value, size)
         return center_crop(image) if crop else image
     if value.dtype.kind != "f":
         raise ObservationError(f'"{field}" must be uint8 or float in [0, 1], got {value.dtype}')

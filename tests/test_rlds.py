@@ -7,12 +7,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from datasets.build_rlds import _resize
 from datasets.builder import EpisodeSchema, write_rlds
 from datasets.crop import check_roi, roi_box
 from datasets.rlds import (
     LoaderConfig,
     RLDSSource,
     _decode,
+    _roi_crop,
     compute_statistics,
     iterate_torch,
     make_frame_dataset,
@@ -85,35 +87,52 @@ def test_held_out_frames_of_an_augmented_model_see_the_central_crop() -> None:
     assert plain[0].max() < 60 and cropped.min() > 190
 
 
-def test_region_of_interest_is_cropped_alike_in_training_and_serving() -> None:
-    image = np.full((128, 128, 3), 100, np.uint8)
-    image[:20] = (255, 0, 0)  # outside the region of interest
-    image[70:82, 50:62] = (0, 255, 0)  # inside it
+def test_region_of_interest_and_crop_are_alike_in_training_and_serving() -> None:
+    # A 96 x 128 camera: the builder stores its frames squashed to 128 x 128, a client sends them as they are.
+    camera = np.full((96, 128, 3), 100, np.uint8)
+    camera[:15] = (255, 0, 0)  # outside the region of interest
+    camera[54:63, 50:62] = (0, 255, 0)  # inside it
     roi = [0.33, 0.19, 0.62, 0.62]
-    assert roi_box(128, 128, roi) == (42, 24, 79, 79)
-    encoded = tf.io.encode_jpeg(image, quality=100)
-    decoded = tf.io.decode_jpeg(encoded).numpy()
-    trained = _decode(LoaderConfig(image_size=112, image_roi=roi), train=False)(
-        {"image": encoded}, tf.constant([1, 2], tf.int64)
-    )["image"].numpy()
-    message = {"image": decoded, "prompt": "p"}
-    served = adapt_observation(message, {"image": "image", "prompt": "prompt"}, 112, crop=True, roi=roi).image
-    whole = adapt_observation(message, {"image": "image", "prompt": "prompt"}, 112, crop=True).image
+    encoded = tf.io.encode_jpeg(_resize(camera[None], 128)[0], quality=100)
+    frame = {"image": encoded, "wrist_image": encoded}
+    trained = _decode(LoaderConfig(image_size=112, image_roi=roi), train=False)(frame, tf.constant([1, 2], tf.int64))
+    keys = {"image": "image", "wrist_image": "wrist_image", "prompt": "prompt"}
+    message = {"image": camera, "wrist_image": camera, "prompt": "p"}
+    served = adapt_observation(message, keys, 112, crop=True, roi=roi)
+    whole = adapt_observation(message, keys, 112, crop=True)
 
-    def green_centre(frame: np.ndarray) -> np.ndarray:
-        rows, cols = np.nonzero((frame[..., 1] > 200) & (frame[..., 0] < 60))
+    def green_centre(image: np.ndarray) -> np.ndarray:
+        rows, cols = np.nonzero((image[..., 1] > 200) & (image[..., 0] < 60))
         return np.array([rows.mean(), cols.mean()])
 
-    # the ROI (rows 42-120, columns 24-102), then the central crop of 0.9 of its area (side 74, from 2 px in),
-    # resized to 112: the green square's centre (75.5, 55.5) lands at ((75.5-44) * 112/74, (55.5-26) * 112/74)
-    expected = np.array([(75.5 - 44) * 112 / 74, (55.5 - 26) * 112 / 74])
-    for frame in (trained, served):
-        assert frame.shape == (112, 112, 3) and not ((frame[..., 0] > 200) & (frame[..., 1] < 60)).any()
-        np.testing.assert_allclose(green_centre(frame), expected, atol=1.0)
-    assert np.abs(green_centre(whole) - expected).max() > 10  # without the ROI the square sits elsewhere
+    # In fractions of the camera: the square's centre (58.5 / 96, 55.5 / 128), the ROI from (0.33, 0.19), 0.62 wide,
+    # then the central 0.949 of it; both sides squashed to 112.
+    inner = 0.62 * 0.9**0.5
+    centre = np.array([58.5 / 96, 55.5 / 128]) - np.array([0.33, 0.19]) - (0.62 - inner) / 2
+    expected = 112 * centre / inner - 0.5  # as a pixel index
+    for image in (trained["image"].numpy(), served.image):
+        assert image.shape == (112, 112, 3) and not ((image[..., 0] > 200) & (image[..., 1] < 60)).any()
+        np.testing.assert_allclose(green_centre(image), expected, atol=1.5)
+    assert np.abs(green_centre(whole.image) - expected).max() > 10  # without the ROI the square sits elsewhere
+    # The wrist camera is never cropped to the ROI: its red band stays in view.
+    for wrist in (trained["wrist_image"].numpy(), served.wrist_image, whole.wrist_image):
+        assert ((wrist[..., 0] > 200) & (wrist[..., 1] < 60)).any()
+    np.testing.assert_array_equal(served.wrist_image, whole.wrist_image)
+
+
+def test_region_of_interest_rounds_alike_in_numpy_and_tensorflow() -> None:
+    pixels = tf.reshape(tf.range(100 * 60), [100, 60, 1])  # each pixel holds its own index
+    for roi in ([0.125, 0.25, 0.5, 0.35], [0.135, 0.025, 0.865, 0.975], [0.999, 0.999, 0.001, 0.001]):
+        top, left, height, width = roi_box(100, 60, roi)
+        assert height >= 1 and width >= 1 and top + height <= 100 and left + width <= 60
+        expected = pixels.numpy()[top : top + height, left : left + width]
+        np.testing.assert_array_equal(_roi_crop(pixels, roi).numpy(), expected)
+    assert roi_box(100, 60, [0.125, 0.25, 0.5, 0.35]) == (12, 15, 50, 21)  # 12.5 rounds half to even
     for bad in ([0.5, 0.5, 0.6, 0.2], [0.1, 0.1, 0.5], "workspace", [0.1, -0.1, 0.5, 0.5]):
         with pytest.raises(ValueError, match=r"loader\.image_roi=.*\[top, left, height, width\]"):
             check_roi(bad)
+    with pytest.raises(ValueError, match=r"loader\.image_roi"):
+        LoaderConfig(image_roi=[0.5, 0.5, 0.6, 0.6])  # checked when the config is made, before any data is read
 
 
 def test_train_split_is_shuffled_augmented_and_endless(sample_rlds) -> None:
@@ -136,7 +155,7 @@ def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
     assert 0.6 < (index == 1).mean() < 0.9
     with_aux = RLDSSource(name="sample", data_dir=str(sample_rlds), aux_key="observation/object_pos")
     mixed = {"sample": compute_statistics(with_aux, 7, None), "sample_b": stats}
-    with pytest.raises(ValueError, match=r"sample: \['state', 'aux'\]; sample: \['state'\]\); expected the same"):
+    with pytest.raises(ValueError, match=r"sample: \['state', 'aux'\]; sample_b: \['state'\]\); expected the same"):
         make_frame_dataset([with_aux, b], mixed, cfg)
 
 

@@ -19,8 +19,10 @@ from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import InvalidStatus
 
+from datasets.build_rlds import _resize
+from datasets.crop import resize_square
 from models.policy import Observation, Policy
-from serving import ObservationError, PolicyServer, ServerThread, adapt_observation, letterbox, wait_for_server
+from serving import ObservationError, PolicyServer, ServerThread, adapt_observation, wait_for_server
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {"image": "image", "wrist_image": None, "state": None, "prompt": "prompt"}
@@ -111,6 +113,20 @@ def test_metadata_and_action_reply(start_server: Callable[..., ServerThread]) ->
     assert first["server_timing"]["infer_ms"] >= 0
     assert "prev_total_ms" in client.infer(_observation())["server_timing"]
     assert policy.seen[0].image.shape == (32, 32, 3) and policy.seen[0].prompt == "push the cube"
+
+
+def test_a_policy_trained_on_a_region_of_interest_is_served_that_region(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    policy = FakePolicy()
+    policy.image_roi, policy.camera_size = (0.5, 0.0, 0.5, 0.5), 64
+    client = WebsocketClientPolicy("127.0.0.1", start_server(policy).port)
+    metadata = client.get_server_metadata()
+    assert metadata["image_roi"] == [0.5, 0.0, 0.5, 0.5] and metadata["camera_size"] == 64
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[32:, :32] = 255  # only the bottom-left quarter, which is the region of interest, is white
+    assert client.infer({"image": image, "prompt": "push the cube"})["status"] == "success"
+    assert policy.seen[0].image.shape == (32, 32, 3) and (policy.seen[0].image == 255).all()
 
 
 def test_healthz_answers_200(start_server: Callable[..., ServerThread]) -> None:
@@ -348,10 +364,12 @@ def test_wait_for_server_times_out_when_nothing_listens() -> None:
         wait_for_server("127.0.0.1", port, timeout=0.3)
 
 
-def test_letterbox_keeps_aspect_and_pads_black() -> None:
-    out = letterbox(np.full((48, 64, 3), 200, np.uint8), 32)
-    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-    assert (out[:4] == 0).all() and (out[-4:] == 0).all() and (out[4:28] == 200).all()
+def test_frames_are_squashed_to_the_square_as_the_builder_stores_them() -> None:
+    camera = np.full((48, 64, 3), 200, np.uint8)
+    camera[:, 32:] = 0  # the right half dark
+    out = resize_square(camera, 32)
+    np.testing.assert_array_equal(out, _resize(camera[None], 32)[0])  # datasets.build_rlds stores this frame
+    assert out.shape == (32, 32, 3) and (out[:, :15] == 200).all() and (out[:, 17:] == 0).all()  # no black bars
 
 
 def test_adapter_maps_client_keys_and_accepts_float_images() -> None:
