@@ -88,10 +88,10 @@ def test_held_out_frames_of_an_augmented_model_see_the_central_crop() -> None:
 
 
 def test_region_of_interest_and_crop_are_alike_in_training_and_serving() -> None:
-    # A 96 x 128 camera: the builder stores its frames squashed to 128 x 128, a client sends them as they are.
-    camera = np.full((96, 128, 3), 100, np.uint8)
-    camera[:15] = (255, 0, 0)  # outside the region of interest
-    camera[54:63, 50:62] = (0, 255, 0)  # inside it
+    # A 64 x 128 camera: the builder stores its frames squashed to 128 x 128, a client sends them as they are.
+    camera = np.full((64, 128, 3), 100, np.uint8)
+    camera[:10] = (255, 0, 0)  # outside the region of interest
+    camera[32:39, 32:44] = (0, 255, 0)  # inside it
     roi = [0.33, 0.19, 0.62, 0.62]
     encoded = tf.io.encode_jpeg(_resize(camera[None], 128)[0], quality=100)
     frame = {"image": encoded, "wrist_image": encoded}
@@ -105,14 +105,15 @@ def test_region_of_interest_and_crop_are_alike_in_training_and_serving() -> None
         rows, cols = np.nonzero((image[..., 1] > 200) & (image[..., 0] < 60))
         return np.array([rows.mean(), cols.mean()])
 
-    # In fractions of the camera: the square's centre (58.5 / 96, 55.5 / 128), the ROI from (0.33, 0.19), 0.62 wide,
-    # then the central 0.949 of it; both sides squashed to 112.
+    # In fractions of the camera: the square's centre (35.5 / 64, 38 / 128), the ROI from (0.33, 0.19), 0.62 wide,
+    # then the central 0.949 of it; both sides squashed to 112. Boxes are whole pixels of frames of different sizes
+    # (128 stored, 64 x 128 sent), so the two may differ by about 2% of the image.
     inner = 0.62 * 0.9**0.5
-    centre = np.array([58.5 / 96, 55.5 / 128]) - np.array([0.33, 0.19]) - (0.62 - inner) / 2
+    centre = np.array([35.5 / 64, 38 / 128]) - np.array([0.33, 0.19]) - (0.62 - inner) / 2
     expected = 112 * centre / inner - 0.5  # as a pixel index
     for image in (trained["image"].numpy(), served.image):
         assert image.shape == (112, 112, 3) and not ((image[..., 0] > 200) & (image[..., 1] < 60)).any()
-        np.testing.assert_allclose(green_centre(image), expected, atol=1.5)
+        np.testing.assert_allclose(green_centre(image), expected, atol=2.5)
     assert np.abs(green_centre(whole.image) - expected).max() > 10  # without the ROI the square sits elsewhere
     # The wrist camera is never cropped to the ROI: its red band stays in view.
     for wrist in (trained["wrist_image"].numpy(), served.wrist_image, whole.wrist_image):
