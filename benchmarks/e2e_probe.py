@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,16 @@ def first_close(policy, robot: dict, seed: int, execute_steps: int, max_steps: i
     return offset, grasped
 
 
+def grasp_offsets(ckpt: Path, seeds: list[int], execute_steps: int, max_steps: int) -> list:
+    """first_close for each seed, in this process (the spawned child of main)."""
+    from models.checkpoint import load_policy
+
+    torch.set_num_threads(1)
+    policy = load_policy(ckpt).eval()
+    robot = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml").robot, resolve=True)
+    return [first_close(policy, robot, seed, execute_steps, max_steps) for seed in seeds]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", type=Path)
@@ -103,10 +114,11 @@ def main() -> None:
     policy = load_policy(args.ckpt).eval()
     if getattr(policy, "aux_head", None) is None:
         raise SystemExit(f"{args.ckpt}: the model has no aux_head (model.aux_dim is null)")
-    # The simulator first: rendering in a process that has already loaded TensorFlow segfaults (scripts/test.sh).
-    robot = OmegaConf.to_container(OmegaConf.load(args.ckpt / "config.yaml").robot, resolve=True)
-    for seed in args.seeds:
-        offset, grasped = first_close(policy, robot, seed, args.execute_steps, args.max_steps)
+    # The simulator in a process of its own: SAPIEN's renderer and TensorFlow segfault when one process loads both
+    # (in either order; scripts/test.sh runs the simulator tests apart for the same reason).
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        episodes = pool.apply(grasp_offsets, (args.ckpt, args.seeds, args.execute_steps, args.max_steps))
+    for seed, (offset, grasped) in zip(args.seeds, episodes, strict=True):
         where = "never closed" if offset is None else f"tcp - cube at first close (cm) {_cm(offset)}"
         print(f"{PROMPT_TASK} seed {seed}: {where}; grasped: {grasped}", flush=True)
     errors = aux_errors(policy, args.ckpt, args.rlds, args.val_batches)
