@@ -58,14 +58,35 @@ def with_camera_size(source: Path, camera_size: int) -> Path:
     return variant
 
 
+def recorded(trajectory: Path) -> int:
+    """Demos a trajectory holds by its .json; 0 when that is missing or cut short (an interrupted stage)."""
+    try:
+        return demo_counts(trajectory)["episodes"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def discard(trajectory: Path, count: int) -> None:
+    """Delete a trajectory (.h5 and .json) that does not hold `count` demos, so that its stage runs again."""
+    print(f"{trajectory}: {recorded(trajectory)} demos, not {count}; made again", flush=True)
+    trajectory.with_suffix(".json").unlink(missing_ok=True)
+    trajectory.unlink()
+
+
 def record_demos(
     task: str, count: int, work: Path, logs: Path, envs: int = 1, camera_size: int = DEFAULT_CAMERA_SIZE
 ) -> Path:
     """`count` motion-planning demos (pd_joint_pos), replayed into pd_ee_delta_pose with RGB observations of
-    camera_size px by `envs` processes; returns the replayed .h5 path. Stages whose output exists are skipped."""
+    camera_size px by `envs` processes; returns the replayed .h5 path. Stages whose output holds `count` demos are
+    skipped: a replay of another count is redone, a recording of fewer demos is recorded anew."""
     out = work / ("demos" if camera_size == DEFAULT_CAMERA_SIZE else f"demos_{camera_size}px") / task
+    source = work / "demos" / task / "motionplanning" / f"{task}.h5"
+    replayed = next(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
+    if replayed is not None and recorded(replayed) != count:
+        discard(replayed, count)
+    if source.is_file() and recorded(source) < count:
+        discard(source, count)
     if not list(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")):
-        source = work / "demos" / task / "motionplanning" / f"{task}.h5"
         if not source.is_file():
             run(
                 [
