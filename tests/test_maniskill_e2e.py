@@ -64,3 +64,17 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     mean = probe.stdout.split("mean")[1].splitlines()[0]
     errors = [float(v) for v in mean.strip(" []").split(",")]
     assert frames > 0 and len(errors) == 6 and all(e >= 0 for e in errors)
+
+
+def test_demo_stages_are_redone_when_their_output_holds_another_count(tmp_path: Path) -> None:
+    from benchmarks.maniskill_e2e import discard, recorded
+
+    trajectory = tmp_path / "PickCube-v1.h5"
+    trajectory.write_bytes(b"")
+    episodes = [{"episode_id": i, "elapsed_steps": 70} for i in range(2)]
+    trajectory.with_suffix(".json").write_text(json.dumps({"episodes": episodes}))
+    assert recorded(trajectory) == 2
+    trajectory.with_suffix(".json").write_text('{"episodes": [{"episode_id": 0')  # a recording cut short
+    assert recorded(trajectory) == 0
+    discard(trajectory, 100)
+    assert not list(tmp_path.iterdir())
