@@ -1,7 +1,8 @@
 """The image geometry training and serving share (TensorFlow-free): resizing to the square, the region of interest,
 and the crop of training augmentation with its inference-time counterpart.
 
-Training with `loader.augment` takes a random square crop of CROP_AREA of each image's area (OpenVLA's recipe), so
+Training with `loader.augment` takes a random crop of CROP_AREA of each image's area (OpenVLA's recipe; of the image's
+aspect ratio, so square on square images), so
 the model learns from views zoomed by 1/sqrt(CROP_AREA). Held-out frames and inference then take the central crop of
 the same area; without it every object would look 5% smaller and farther from the centre than in training.
 
