@@ -13,6 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 
+def camera_resolution(image_size: int | None, robot: dict, metadata: dict) -> int | None:
+    """The camera's px: `image_size` when given, else as trained: the robot config's camera_size (a checkpoint's
+    records its dataset's), else the server's camera_size, else the model's image size."""
+    return image_size or robot.get("camera_size") or metadata.get("camera_size") or metadata.get("image_size")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval_maniskill")
 def main(cfg: DictConfig) -> float:
     from serving import PolicyServer, ServerThread, wait_for_server
@@ -60,10 +66,7 @@ def main(cfg: DictConfig) -> float:
             clients.append(PolicyClient(host, port, cfg.api_key, cfg.reconnect.attempts, cfg.reconnect.timeout_s))
             stack.callback(clients[-1].close)
         metadata = clients[0].metadata
-        # As trained: the robot config's camera size (a checkpoint's records its dataset's), else the server's.
-        image_size = (
-            cfg.image_size or robot.get("camera_size") or metadata.get("camera_size") or metadata.get("image_size")
-        )
+        image_size = camera_resolution(cfg.image_size, robot, metadata)
         if not image_size:
             raise SystemExit("eval_maniskill.py: the server's metadata has no image_size; pass image_size=<pixels>")
         if not cfg.ensemble.enabled and cfg.execute_steps > metadata.get("action_horizon", cfg.execute_steps):

@@ -487,6 +487,17 @@ def test_pushcube_episodes_through_the_server(tmp_path: Path) -> None:
     assert [json.loads(line)["seed"] for line in lines] == [3, 4]
 
 
+def test_the_camera_renders_as_trained_unless_told_otherwise() -> None:
+    from eval_maniskill import camera_resolution
+
+    trained = {"camera_size": 128}
+    served = {"image_size": 112, "camera_size": 160}
+    assert camera_resolution(96, trained, served) == 96  # image_size= on the command line wins
+    assert camera_resolution(None, trained, served) == 128  # then the checkpoint's robot config
+    assert camera_resolution(None, {"camera_size": None}, served) == 160  # then what the server says it trained on
+    assert camera_resolution(None, {}, {"image_size": 112}) == 112  # then the model's input size
+
+
 @pytest.mark.slow
 def test_eval_entry_point_on_pick_object_against_a_running_server(tmp_path: Path) -> None:
     server = _serve(ScriptedPolicy(act=_image_policy))
