@@ -107,13 +107,14 @@ def record_demos(
                 ],
                 logs / f"record_{task}.log",
             )
+        recording = source if camera_size == DEFAULT_CAMERA_SIZE else with_camera_size(source, camera_size)
         run(
             [
                 sys.executable,
                 "-m",
                 "mani_skill.trajectory.replay_trajectory",
                 "--traj-path",
-                str(source if camera_size == DEFAULT_CAMERA_SIZE else with_camera_size(source, camera_size)),
+                str(recording),
                 "-o",
                 "rgb",
                 "-c",
@@ -128,10 +129,9 @@ def record_demos(
             ],
             logs / f"replay_{task}.log",
         )
-        replayed = source.with_name(source.stem if camera_size == DEFAULT_CAMERA_SIZE else f"{task}_{camera_size}px")
-        for path in source.parent.glob(f"{replayed.name}.rgb.pd_ee_delta_pose.*"):
+        for path in source.parent.glob(f"{recording.stem}.rgb.pd_ee_delta_pose.*"):  # named after the recording
             out.mkdir(parents=True, exist_ok=True)
-            path.rename(out / path.name.replace(replayed.name, task, 1))
+            path.rename(out / path.name.replace(recording.stem, task, 1))
     (replayed,) = out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")
     return replayed
 

@@ -130,10 +130,10 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
     return builder
 
 
-def image_side(source: RLDSSource) -> int | None:
-    """The longer side in px of the source's (external camera) images, from its TFDS features; None when the
-    features leave it open."""
-    shape = _get(open_builder(source).info.features["steps"].feature, source.image_key).shape
+def image_side(builder: tfds.core.DatasetBuilder, image_key: str) -> int | None:
+    """The longer side in px of a dataset's (external camera) images, from its TFDS features (`open_builder`); None
+    when the features leave it open."""
+    shape = _get(builder.info.features["steps"].feature, image_key).shape
     return None if None in shape[:2] else int(max(shape[:2]))
 
 

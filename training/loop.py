@@ -160,8 +160,7 @@ def train(cfg: DictConfig) -> dict:
     # Fail fast, before any long step: data layout and sizes, then the model (base weights, HF_TOKEN), then statistics.
     with accelerator.main_process_first():
         sources = sources_from_config(cfg.dataset)
-    for source in sources:
-        open_builder(source, cfg.robot.action_dim)
+    builders = {source.key: open_builder(source, cfg.robot.action_dim) for source in sources}
     model: Policy = instantiate(cfg.model)
     if model.action_dim != cfg.robot.action_dim:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
@@ -216,7 +215,9 @@ def train(cfg: DictConfig) -> dict:
     with open_dict(final_cfg):  # a custom robot config may lack camera_size
         final_cfg.unnorm_key = unnorm_key
         unnorm_source = next((s for s in sources if s.key == unnorm_key), sources[0])
-        final_cfg.robot.camera_size = cfg.robot.get("camera_size") or image_side(unnorm_source)
+        final_cfg.robot.camera_size = cfg.robot.get("camera_size") or image_side(
+            builders[unnorm_source.key], unnorm_source.image_key
+        )
     trainable_only = cfg.finetune.mode == "lora" and bool(cfg.model.get("pretrained"))
     checkpoint, last_loss = None, math.nan
     progress = tqdm(
