@@ -3,9 +3,10 @@
     .venv/bin/python -m benchmarks.maniskill_e2e                        # the full recipe (see --help for sizes)
     .venv/bin/python -m benchmarks.maniskill_e2e --mini                 # a miniature of every stage (the slow test)
 
-Stages: motion-planning demos (pd_joint_pos) per task -> replay to pd_ee_delta_pose with RGB -> one RLDS dataset with
-each task's instruction -> statistics -> train.py experiment=maniskill_e2e -> eval_maniskill.py per task on held-out
-seeds (the server started in-process from the checkpoint). Writes benchmarks/results/maniskill_e2e_<stamp>.json.
+Stages: motion-planning demos (pd_joint_pos) per task -> replay to pd_ee_delta_pose with RGB -> one RLDS dataset per
+task, with its instruction -> statistics pooled under one unnorm_key -> train.py experiment=maniskill_e2e (the tasks
+sampled with equal weights) -> eval_maniskill.py per task on held-out seeds (the server started in-process from the
+checkpoint). Writes benchmarks/results/maniskill_e2e_<stamp>.json.
 """
 
 from __future__ import annotations
@@ -148,6 +149,34 @@ def episode_budget(trajectory: Path) -> int:
     return int(1.5 * sorted(lengths)[int(0.95 * (len(lengths) - 1))])
 
 
+def dataset_name(task: str) -> str:
+    """The RLDS dataset of one task's demonstrations: PickCube-v1 -> maniskill_e2e_pickcube."""
+    return f"maniskill_e2e_{task.split('-')[0].lower()}"
+
+
+def hydra_value(value) -> str:
+    """value in Hydra's override grammar (keys bare, strings quoted so that '/' and interpolations pass through)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def sources_override(tasks: list[str]) -> str:
+    """The train.py override that keeps the experiment config's dataset sources of these tasks, in their order."""
+    from omegaconf import OmegaConf
+
+    config = REPO / "conf" / "experiment" / "maniskill_e2e.yaml"
+    sources = {entry["name"]: entry for entry in OmegaConf.to_container(OmegaConf.load(config).dataset.sources)}
+    missing = [dataset_name(task) for task in tasks if dataset_name(task) not in sources]
+    if missing:
+        raise SystemExit(f"{config} has no dataset source {missing}: add one per task (its sources: {list(sources)})")
+    return "dataset.sources=" + hydra_value([sources[dataset_name(task)] for task in tasks])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -184,26 +213,27 @@ def main() -> None:
     started = time.perf_counter()
     from datasets.build_rlds import main as build_rlds
 
-    dataset_root = data / "rlds"
-    build_rlds(
-        [
-            "maniskill",
-            *[a for t in trajectories for a in ("--source", str(t))],
-            "--out",
-            str(dataset_root),
-            "--name",
-            "maniskill_e2e",
-            "--image-size",
-            str(args.camera_size),
-            "--shards",
-            "1" if args.mini else "4",
-        ]
-    )
+    for task, trajectory in zip(args.tasks, trajectories, strict=True):
+        build_rlds(
+            [
+                "maniskill",
+                "--source",
+                str(trajectory),
+                "--out",
+                str(data / "rlds"),
+                "--name",
+                dataset_name(task),
+                "--image-size",
+                str(args.camera_size),
+                "--shards",
+                "1" if args.mini else "2",
+            ]
+        )
     wall["rlds_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     train_dir = work / "runs" / stamp
-    overrides = [f"hydra.run.dir={train_dir}"]
+    overrides = [f"hydra.run.dir={train_dir}", sources_override(args.tasks)]
     if args.train_steps is not None:
         overrides.append(f"max_steps={args.train_steps}")
     if args.mini:

@@ -299,14 +299,8 @@ def dataset_fingerprint(source: RLDSSource) -> str:
     return digest.hexdigest()[:16]
 
 
-def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Path | None = None) -> dict:
-    """One pass over every episode that reads only the action, state and aux lists of each record (datasets.
-    tfrecord_columns: the image bytes are never read). Cached by `dataset_fingerprint` in cache_dir."""
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir).expanduser() / f"{source.name}-{dataset_fingerprint(source)}.json"
-        if cache_file.is_file():
-            return json.loads(cache_file.read_text())
+def _statistics_columns(source: RLDSSource, action_dim: int) -> tuple[dict[str, np.ndarray], int]:
+    """Every step's action (transformed), state and aux of a dataset, [N, D] each, and its episode count."""
     builder = open_builder(source, action_dim)
     optional = {"state": source.state_key, "aux": source.aux_key}
     columns = {"action": source.action_key, **{name: key for name, key in optional.items() if key}}
@@ -333,15 +327,56 @@ def compute_statistics(source: RLDSSource, action_dim: int, cache_dir: str | Pat
                 bar.update(1)
     if not count:
         raise ValueError(f"{source.path}: the dataset holds no episodes")
+    arrays = {name: np.concatenate(values) for name, values in found.items()}
     # Transforms treat each step alone, so one call covers every episode.
-    actions = np.asarray(get_action_transform(source.action_transform)(tf.constant(np.concatenate(found["action"]))))
-    entry = {"action": {**summarize(actions), "mask": action_mask(source, action_dim)}}
-    if found.get("state"):
-        entry["proprio"] = summarize(np.concatenate(found["state"]))
-    if found.get("aux"):
-        entry["aux"] = summarize(np.concatenate(found["aux"]))
-    entry["num_transitions"] = len(actions)
-    entry["num_trajectories"] = count
+    arrays["action"] = np.asarray(get_action_transform(source.action_transform)(tf.constant(arrays["action"])))
+    return arrays, count
+
+
+def _check_poolable(sources: list[RLDSSource], action_dim: int) -> None:
+    """Datasets that share one statistics entry must agree on what it describes."""
+    first = sources[0]
+    for other in sources[1:]:
+        for what, value in (
+            ("action_mask", lambda s: action_mask(s, action_dim)),
+            ("state_key set", lambda s: s.state_key is not None),
+            ("aux_key set", lambda s: s.aux_key is not None),
+        ):
+            if value(first) != value(other):
+                raise ValueError(
+                    f"datasets {first.name!r} and {other.name!r} share the statistics key {first.key!r} but differ "
+                    f"in {what} ({value(first)} vs {value(other)}): one normalization cannot describe both; give "
+                    "them different unnorm_key values or make them agree"
+                )
+
+
+def compute_statistics(
+    source: RLDSSource | list[RLDSSource], action_dim: int, cache_dir: str | Path | None = None
+) -> dict:
+    """One statistics entry for a dataset, or pooled over several datasets that share one unnorm_key (their steps
+    taken together, as if one dataset). One pass over every episode that reads only the action, state and aux lists
+    of each record (datasets.tfrecord_columns: the image bytes are never read). Cached by `dataset_fingerprint`."""
+    sources = [source] if isinstance(source, RLDSSource) else list(source)
+    _check_poolable(sources, action_dim)
+    cache_file = None
+    if cache_dir is not None:
+        fingerprints = [dataset_fingerprint(s) for s in sources]
+        fingerprint = (
+            fingerprints[0] if len(sources) == 1 else hashlib.sha256("".join(fingerprints).encode()).hexdigest()[:16]
+        )
+        stem = sources[0].name if len(sources) == 1 else f"{sources[0].key}-pooled"
+        cache_file = Path(cache_dir).expanduser() / f"{stem}-{fingerprint}.json"
+        if cache_file.is_file():
+            return json.loads(cache_file.read_text())
+    parts = [_statistics_columns(s, action_dim) for s in sources]
+    arrays = {name: np.concatenate([columns[name] for columns, _ in parts]) for name in parts[0][0]}
+    entry = {"action": {**summarize(arrays["action"]), "mask": action_mask(sources[0], action_dim)}}
+    if "state" in arrays:
+        entry["proprio"] = summarize(arrays["state"])
+    if "aux" in arrays:
+        entry["aux"] = summarize(arrays["aux"])
+    entry["num_transitions"] = len(arrays["action"])
+    entry["num_trajectories"] = sum(count for _, count in parts)
     if cache_file is not None:
         write_json_atomic(cache_file, entry)
     return entry
@@ -652,5 +687,9 @@ def sources_from_config(dataset_cfg: dict) -> list[RLDSSource]:
 
 
 def compute_all_statistics(sources: list[RLDSSource], action_dim: int, cache_dir: str | Path | None) -> dict:
-    """dataset_statistics.json content for a mixture: one entry per source, keyed by its unnorm_key."""
-    return {source.key: compute_statistics(source, action_dim, cache_dir) for source in sources}
+    """dataset_statistics.json content for a mixture: one entry per unnorm_key, pooled over the sources that share
+    it (e.g. one dataset per task, sampled with equal weights, normalized as one)."""
+    groups: dict[str, list[RLDSSource]] = {}
+    for source in sources:
+        groups.setdefault(source.key, []).append(source)
+    return {key: compute_statistics(group, action_dim, cache_dir) for key, group in groups.items()}

@@ -29,7 +29,7 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (dataset,) = (tmp_path / "data_96px" / "rlds" / "maniskill_e2e").iterdir()
+    (dataset,) = (tmp_path / "data_96px" / "rlds" / "maniskill_e2e_pushcube").iterdir()
     info = json.loads((dataset / "dataset_info.json").read_text())
     assert int(info["splits"][0]["shardLengths"][0]) == 2  # two demonstrations became two RLDS episodes
     (results,) = (tmp_path / "eval").glob("*/PushCube-v1/results.json")

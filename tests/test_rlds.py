@@ -15,6 +15,7 @@ from datasets.rlds import (
     RLDSSource,
     _decode,
     _roi_crop,
+    compute_all_statistics,
     compute_statistics,
     iterate_torch,
     make_frame_dataset,
@@ -158,6 +159,23 @@ def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
     mixed = {"sample": compute_statistics(with_aux, 7, None), "sample_b": stats}
     with pytest.raises(ValueError, match=r"sample: \['state', 'aux'\]; sample_b: \['state'\]\); expected the same"):
         make_frame_dataset([with_aux, b], mixed, cfg)
+
+
+def test_sources_sharing_an_unnorm_key_pool_their_statistics(sample_rlds, tmp_path) -> None:
+    plain = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    gripper_flipped = RLDSSource(name="sample", data_dir=str(sample_rlds), action_transform="libero_gripper")
+    one = compute_all_statistics([plain, gripper_flipped], 7, tmp_path)
+    assert list(one) == ["sample"]  # one entry, not the last source's statistics under the shared key
+    actions = np.concatenate(_raw_actions(sample_rlds))
+    pooled = np.concatenate([actions, np.concatenate([actions[:, :6], 1 - actions[:, 6:]], 1)])
+    assert one["sample"]["num_transitions"] == len(pooled) == 240 and one["sample"]["num_trajectories"] == 20
+    np.testing.assert_allclose(one["sample"]["action"]["mean"], pooled.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one["sample"]["action"]["q01"], np.quantile(pooled, 0.01, axis=0), rtol=1e-5)
+    assert compute_all_statistics([plain, gripper_flipped], 7, tmp_path) == one  # the pooled entry is cached
+    assert len(list(tmp_path.glob("sample-pooled-*.json"))) == 1
+    with_aux = RLDSSource(name="sample", data_dir=str(sample_rlds), aux_key="observation/object_pos")
+    with pytest.raises(ValueError, match=r"share the statistics key 'sample' but differ in aux_key set"):
+        compute_all_statistics([plain, with_aux], 7, None)
 
 
 def test_bad_inputs_name_what_is_wrong(sample_rlds, tmp_path) -> None:

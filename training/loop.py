@@ -160,7 +160,7 @@ def train(cfg: DictConfig) -> dict:
     # Fail fast, before any long step: data layout and sizes, then the model (base weights, HF_TOKEN), then statistics.
     with accelerator.main_process_first():
         sources = sources_from_config(cfg.dataset)
-    builders = {source.key: open_builder(source, cfg.robot.action_dim) for source in sources}
+    builders = {source.name: open_builder(source, cfg.robot.action_dim) for source in sources}
     model: Policy = instantiate(cfg.model)
     if model.action_dim != cfg.robot.action_dim:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
@@ -216,7 +216,7 @@ def train(cfg: DictConfig) -> dict:
         final_cfg.unnorm_key = unnorm_key
         unnorm_source = next((s for s in sources if s.key == unnorm_key), sources[0])
         final_cfg.robot.camera_size = cfg.robot.get("camera_size") or image_side(
-            builders[unnorm_source.key], unnorm_source.image_key
+            builders[unnorm_source.name], unnorm_source.image_key
         )
     trainable_only = cfg.finetune.mode == "lora" and bool(cfg.model.get("pretrained"))
     checkpoint, last_loss = None, math.nan
