@@ -78,3 +78,27 @@ def test_demo_stages_are_redone_when_their_output_holds_another_count(tmp_path: 
     assert recorded(trajectory) == 0
     discard(trajectory, 100)
     assert not list(tmp_path.iterdir())
+
+
+def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from benchmarks.maniskill_e2e import TASKS, sources_override
+
+    def sources(*overrides: str) -> list:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=maniskill_e2e", "paths.data_dir=/d", *overrides])
+        return [dict(s) for s in cfg.dataset.sources]
+
+    every_task = sources()
+    assert [s["name"] for s in every_task] == [
+        "maniskill_e2e_pushcube",
+        "maniskill_e2e_pickcube",
+        "maniskill_e2e_stackcube",
+    ]
+    assert {s["unnorm_key"] for s in every_task} == {"maniskill_e2e"} and {s["weight"] for s in every_task} == {1.0}
+    assert sources(sources_override(list(TASKS))) == every_task  # the override round-trips through Hydra's grammar
+    (stack,) = sources(sources_override(["StackCube-v1"]))
+    assert stack == every_task[2] and stack["data_dir"] == "/d/rlds" and stack["image_key"] == "observation/image"
+    with pytest.raises(SystemExit, match="no dataset source"):
+        sources_override(["PegInsertionSide-v1"])
