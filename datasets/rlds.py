@@ -587,7 +587,8 @@ def make_frame_dataset(
     world_size: int = 1,
     skip_frames: int = 0,
 ) -> tf.data.Dataset:
-    """Batched frames. split "train" repeats forever (shuffled, augmented); "val" is one ordered pass.
+    """Batched frames. split "train" repeats forever (shuffled, augmented); "val" is one ordered pass (whole episodes,
+    one of each source in turn).
 
     The held-out episodes are the last `val_fraction` of each dataset's train split (deterministic). Under a
     multi-process launch each rank reads its own slice of episodes. The pipeline is deterministic given the seed, so
@@ -620,11 +621,9 @@ def make_frame_dataset(
             )
             groups = groups.shuffle(cfg.episode_shuffle_buffer, seed=cfg.seed + index)
             frames = groups.interleave(tf.data.Dataset.from_tensor_slices, cycle_length=cfg.interleave_episodes)
-        else:
-            frames = records.flat_map(
-                lambda index, record, parse=parse, to_frames=to_frames: tf.data.Dataset.from_tensor_slices(
-                    to_frames(parse(index, record))
-                )
+        else:  # whole episodes, in order; the sources' episodes alternate below
+            frames = records.map(
+                lambda index, record, parse=parse, to_frames=to_frames: to_frames(parse(index, record))
             )
         per_source.append(frames)
     if train:
@@ -638,9 +637,12 @@ def make_frame_dataset(
         )
         frames = frames.shuffle(cfg.frame_shuffle_buffer, seed=cfg.seed)
     else:
-        frames = per_source[0]
-        for more in per_source[1:]:
-            frames = frames.concatenate(more)
+        # One episode of each source in turn (a source that runs out is skipped), so that the first validation
+        # batches hold every source's episodes, not only the first source's.
+        episodes = tf.data.Dataset.choose_from_datasets(
+            per_source, tf.data.Dataset.range(len(per_source)).repeat(), stop_on_empty_dataset=False
+        )
+        frames = episodes.flat_map(tf.data.Dataset.from_tensor_slices)
     seeds = tf.data.Dataset.random(seed=cfg.seed + 7919 * rank).batch(2)  # one augmentation seed per frame
     frames = tf.data.Dataset.zip(frames, seeds).skip(skip_frames)
     frames = frames.map(_decode(cfg, train), num_parallel_calls=parallel)

@@ -161,6 +161,19 @@ def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
         make_frame_dataset([with_aux, b], mixed, cfg)
 
 
+def test_validation_alternates_the_sources_episodes(sample_rlds) -> None:
+    a = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    b = RLDSSource(name="sample", data_dir=str(sample_rlds), unnorm_key="sample_b")
+    stats = compute_statistics(a, 7, None)
+    cfg = LoaderConfig(image_size=16, window=2, batch_size=8, val_fraction=0.2, augment=False)
+    batches = list(iterate_torch(make_frame_dataset([a, b], {"sample": stats, "sample_b": stats}, cfg, split="val")))
+    index = np.concatenate([x["dataset_index"].numpy() for x in batches])
+    frame = np.concatenate([x["frame_index"].numpy() for x in batches])
+    starts = np.flatnonzero(frame == 0)  # 2 held-out episodes of 12 frames per source, each whole and in order
+    assert len(index) == 48 and starts.tolist() == [0, 12, 24, 36]
+    assert index[starts].tolist() == [0, 1, 0, 1] and all((index[s : s + 12] == index[s]).all() for s in starts)
+
+
 def test_sources_sharing_an_unnorm_key_pool_their_statistics(sample_rlds, tmp_path) -> None:
     plain = RLDSSource(name="sample", data_dir=str(sample_rlds))
     gripper_flipped = RLDSSource(name="sample", data_dir=str(sample_rlds), action_transform="libero_gripper")
