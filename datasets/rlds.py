@@ -369,6 +369,13 @@ def compute_statistics(
         if cache_file.is_file():
             return json.loads(cache_file.read_text())
     parts = [_statistics_columns(s, action_dim) for s in sources]
+    for name, values in parts[0][0].items():
+        for other, (columns, _) in zip(sources[1:], parts[1:], strict=True):
+            if columns[name].shape[1] != values.shape[1]:
+                raise ValueError(
+                    f"datasets {sources[0].name!r} and {other.name!r} share the statistics key {sources[0].key!r} "
+                    f"but their {name} has {values.shape[1]} and {columns[name].shape[1]} dims: expected the same"
+                )
     arrays = {name: np.concatenate([columns[name] for columns, _ in parts]) for name in parts[0][0]}
     entry = {"action": {**summarize(arrays["action"]), "mask": action_mask(sources[0], action_dim)}}
     if "state" in arrays:

@@ -189,6 +189,18 @@ def test_sources_sharing_an_unnorm_key_pool_their_statistics(sample_rlds, tmp_pa
     with_aux = RLDSSource(name="sample", data_dir=str(sample_rlds), aux_key="observation/object_pos")
     with pytest.raises(ValueError, match=r"share the statistics key 'sample' but differ in aux_key set"):
         compute_all_statistics([plain, with_aux], 7, None)
+    for name, state_dim in (("arm_a", 2), ("arm_b", 3)):
+        episode = {
+            "image": np.zeros((3, 8, 8, 3), np.uint8),
+            "state": np.zeros((3, state_dim), np.float32),
+            "action": np.zeros((3, 7), np.float32),
+            "language_instruction": "do it",
+            "file_path": "ep0.npz",
+        }
+        write_rlds([episode], tmp_path / "rlds", name, EpisodeSchema(image_size=8, state_dim=state_dim, action_dim=7))
+    arms = [RLDSSource(name=n, data_dir=str(tmp_path / "rlds"), unnorm_key="arm") for n in ("arm_a", "arm_b")]
+    with pytest.raises(ValueError, match=r"'arm_a' and 'arm_b' share the statistics key 'arm' but their state has 2"):
+        compute_all_statistics(arms, 7, None)
 
 
 def test_bad_inputs_name_what_is_wrong(sample_rlds, tmp_path) -> None:
