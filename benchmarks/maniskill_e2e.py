@@ -197,6 +197,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.mini:
         args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
+    from models.checkpoint import git_revision
+
+    revision = git_revision()  # the code the run starts from, whatever is committed while it runs
     work, stamp = args.work_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     logs = work / "logs" / stamp
     data = work / ("data" if args.camera_size == DEFAULT_CAMERA_SIZE else f"data_{args.camera_size}px")
@@ -279,11 +282,9 @@ def main() -> None:
         }
         wall[f"eval_{task}_s"] = time.perf_counter() - started
 
-    from models.checkpoint import git_revision
-
     report = {
         "date": datetime.now(UTC).isoformat(),
-        "git_revision": git_revision(),
+        "git_revision": revision,
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "demonstrations": {task: demo_counts(t) for task, t in zip(args.tasks, trajectories, strict=True)},
