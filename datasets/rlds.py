@@ -299,11 +299,16 @@ def dataset_fingerprint(source: RLDSSource) -> str:
     return digest.hexdigest()[:16]
 
 
+def _statistics_keys(source: RLDSSource) -> dict[str, str]:
+    """The step features statistics are computed over: {"action", and "state" / "aux" where the source has them}."""
+    optional = {"state": source.state_key, "aux": source.aux_key}
+    return {"action": source.action_key, **{name: key for name, key in optional.items() if key}}
+
+
 def _statistics_columns(source: RLDSSource, action_dim: int) -> tuple[dict[str, np.ndarray], int]:
     """Every step's action (transformed), state and aux of a dataset, [N, D] each, and its episode count."""
     builder = open_builder(source, action_dim)
-    optional = {"state": source.state_key, "aux": source.aux_key}
-    columns = {"action": source.action_key, **{name: key for name, key in optional.items() if key}}
+    columns = _statistics_keys(source)
     _, width = _columns(builder, columns)
     keys = {name: f"steps/{key}" for name, key in columns.items()}
     found: dict[str, list[np.ndarray]] = {name: [] for name in columns}
@@ -334,20 +339,33 @@ def _statistics_columns(source: RLDSSource, action_dim: int) -> tuple[dict[str, 
 
 
 def _check_poolable(sources: list[RLDSSource], action_dim: int) -> None:
-    """Datasets that share one statistics entry must agree on what it describes."""
-    first = sources[0]
-    for other in sources[1:]:
-        for what, value in (
-            ("action_mask", lambda s: action_mask(s, action_dim)),
-            ("state_key set", lambda s: s.state_key is not None),
-            ("aux_key set", lambda s: s.aux_key is not None),
-        ):
-            if value(first) != value(other):
-                raise ValueError(
-                    f"datasets {first.name!r} and {other.name!r} share the statistics key {first.key!r} but differ "
-                    f"in {what} ({value(first)} vs {value(other)}): one normalization cannot describe both; give "
-                    "them different unnorm_key values or make them agree"
-                )
+    """Datasets that share one statistics entry must agree on what it describes: the action mask, which of state and
+    aux they have, and each one's width. Read from the datasets' feature specs, before any episode is."""
+    if len(sources) < 2:
+        return
+    first, *others = sources
+    widths = [_columns(open_builder(s, action_dim), _statistics_keys(s))[1] for s in sources]
+    mask = action_mask(first, action_dim)
+    for other, width in zip(others, widths[1:], strict=True):
+        problems = []
+        if action_mask(other, action_dim) != mask:
+            problems.append(f"differ in action_mask ({mask} vs {action_mask(other, action_dim)})")
+        problems += [
+            f"differ in {name}_key set ({name in widths[0]} vs {name in width})"
+            for name in ("state", "aux")
+            if (name in widths[0]) != (name in width)
+        ]
+        problems += [
+            f"their {name} has {widths[0][name]} and {width[name]} dims"
+            for name in sorted(widths[0].keys() & width.keys())
+            if widths[0][name] != width[name]
+        ]
+        if problems:
+            raise ValueError(
+                f"datasets {first.name!r} and {other.name!r} share the statistics key {first.key!r} but "
+                f"{'; '.join(problems)}: one normalization cannot describe both; expected the same, or different "
+                "unnorm_key values"
+            )
 
 
 def compute_statistics(
@@ -369,13 +387,6 @@ def compute_statistics(
         if cache_file.is_file():
             return json.loads(cache_file.read_text())
     parts = [_statistics_columns(s, action_dim) for s in sources]
-    for name, values in parts[0][0].items():
-        for other, (columns, _) in zip(sources[1:], parts[1:], strict=True):
-            if columns[name].shape[1] != values.shape[1]:
-                raise ValueError(
-                    f"datasets {sources[0].name!r} and {other.name!r} share the statistics key {sources[0].key!r} "
-                    f"but their {name} has {values.shape[1]} and {columns[name].shape[1]} dims: expected the same"
-                )
     arrays = {name: np.concatenate([columns[name] for columns, _ in parts]) for name in parts[0][0]}
     entry = {"action": {**summarize(arrays["action"]), "mask": action_mask(sources[0], action_dim)}}
     if "state" in arrays:
