@@ -3,6 +3,7 @@ LoRA and full finetuning, bf16.
 
     .venv/bin/python -m benchmarks.train_step                       # cogact_tiny on CPU
     .venv/bin/python -m benchmarks.train_step --full-size --finetune lora full --batch-size 8   # needs a CUDA GPU
+    .venv/bin/python -m benchmarks.train_step --batch-size 32 --overrides experiment=maniskill_e2e   # the e2e model
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from models.finetune import apply_finetune_mode
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build(full_size: bool, finetune: str, device: torch.device) -> torch.nn.Module:
+def build(full_size: bool, finetune: str, device: torch.device, overrides: list[str]) -> torch.nn.Module:
     model_name = "cogact" if full_size else "cogact_tiny"
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model_name}", "model.pretrained=null", f"finetune={finetune}"])
+        cfg = compose(
+            "train", overrides=[*overrides, f"model={model_name}", "model.pretrained=null", f"finetune={finetune}"]
+        )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg["llm_backbone"]["tokenizer"] = "tiny"  # Llama-2's tokenizer is gated; the vocab size stays as configured
     with device:
@@ -39,11 +42,13 @@ def build(full_size: bool, finetune: str, device: torch.device) -> torch.nn.Modu
     return model
 
 
-def measure(full_size: bool, finetune: str, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
+def measure(
+    full_size: bool, finetune: str, batch_size: int, steps: int, warmup: int, device: torch.device, overrides: list[str]
+) -> dict:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build(full_size, finetune, device).train()
+    model = build(full_size, finetune, device, overrides).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     size = model.image_size
     batch = {
@@ -51,6 +56,9 @@ def measure(full_size: bool, finetune: str, batch_size: int, steps: int, warmup:
         "prompt": ["pick up the red cube and place it in the bowl"] * batch_size,
         "action": torch.rand(batch_size, model.action_horizon, model.action_dim, device=device) * 2 - 1,
     }
+    for key, dim in (("state", getattr(model, "proprio_dim", None)), ("aux", getattr(model, "aux_dim", None))):
+        if dim:  # a model configured with a proprio input or an auxiliary target gets one
+            batch[key] = torch.rand(batch_size, dim, device=device) * 2 - 1
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     timings = []
     for i in range(warmup + steps):
@@ -93,11 +101,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--overrides", nargs="*", default=[], help="train.py overrides first, e.g. experiment=...")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.full_size and device.type != "cuda":
         raise SystemExit("--full-size needs a CUDA GPU")
-    rows = [measure(args.full_size, mode, args.batch_size, args.steps, args.warmup, device) for mode in args.finetune]
+    rows = [
+        measure(args.full_size, mode, args.batch_size, args.steps, args.warmup, device, args.overrides)
+        for mode in args.finetune
+    ]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     print(f"device: {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'model':<13}{'finetune':<15}{'batch':>6}{'step s':>9}{'steps/s':>9}{'frames/s':>10}{'peak GB':>9}")
@@ -107,8 +119,10 @@ def main() -> None:
             f"{row['model']:<13}{row['finetune']:<15}{row['batch_size']:>6}{row['median_step_s']:>9.3f}"
             f"{row['steps_per_s']:>9.2f}{row['frames_per_s']:>10.1f}{peak:>9.2f}"
         )
-    out = REPO / "benchmarks" / "results" / f"train_step_{rows[0]['model']}_{device.type}.json"
+    variant = "".join(f"_{o.replace('=', '-').replace('/', '-')}" for o in args.overrides)
+    out = REPO / "benchmarks" / "results" / f"train_step_{rows[0]['model']}_{device.type}{variant}.json"
     meta = {"device": device_name, "date": datetime.now(UTC).isoformat(), "git_revision": git_revision()}
+    meta["overrides"] = args.overrides
     out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     print(f"results: {out}")
 
