@@ -121,8 +121,12 @@ def main() -> None:
         )
     variant = "".join(f"_{o.replace('=', '-').replace('/', '-')}" for o in args.overrides)
     out = REPO / "benchmarks" / "results" / f"train_step_{rows[0]['model']}_{device.type}{variant}.json"
-    meta = {"device": device_name, "date": datetime.now(UTC).isoformat(), "git_revision": git_revision()}
-    meta["overrides"] = args.overrides
+    meta = {
+        "device": device_name,
+        "date": datetime.now(UTC).isoformat(),
+        "git_revision": git_revision(),
+        "overrides": args.overrides,
+    }
     out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     print(f"results: {out}")
 
