@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -231,7 +232,7 @@ def test_proprio_state_conditions_the_head_and_is_normalized_at_inference() -> N
     assert model.metadata()["state_dim"] == 3
 
 
-def test_aux_head_learns_the_target_from_the_cognition_feature_and_is_training_only(tmp_path) -> None:
+def test_aux_head_learns_the_target_from_the_cognition_feature_and_needs_no_aux_input_to_act(tmp_path) -> None:
     torch.manual_seed(0)
     cfg = _model_cfg(aux_dim=6, aux_loss_weight=0.5)
     model = instantiate(cfg.model)
@@ -260,3 +261,51 @@ def test_aux_head_learns_the_target_from_the_cognition_feature_and_is_training_o
     torch.testing.assert_close(loaded.aux_head[2].weight, model.aux_head[2].weight)
     chunk = loaded.predict_action(Observation(image=batch["image"][0].numpy(), prompt=batch["prompt"][0]))
     assert chunk.shape == (model.action_horizon, 7)
+
+
+def test_aux_condition_feeds_the_detached_object_estimate_to_the_action_head(tmp_path) -> None:
+    with pytest.raises(InstantiationException, match=r"model.aux_condition .* needs model.aux_dim"):
+        instantiate(_model_cfg(aux_condition=True).model)
+    torch.manual_seed(0)
+    cfg = _model_cfg(aux_dim=6, aux_condition=True)
+    model = instantiate(cfg.model)
+    model.set_statistics(_stats())
+    batch = _batch(model)
+    batch["aux"] = torch.rand(2, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    # Zero-initialised: a fresh model conditions exactly as one without the projector.
+    model.eval()
+    cognition = model.cognition_features(batch["image"], batch["prompt"])
+    torch.testing.assert_close(model.condition(batch["image"], batch["prompt"], None), cognition)
+
+    # The action loss trains the projector but not the estimate: the aux head learns from the aux loss alone.
+    with torch.no_grad():  # as after some training: the DiT's zero-initialised output layer passes no gradient
+        model.aux_projector.weight.normal_()
+        for parameter in model.action_model.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.02)
+    model.aux_loss_weight = 0.0
+    model.train()
+    loss, _ = model.compute_loss(batch)
+    loss.backward()
+    assert model.aux_projector.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and not p.grad.any() for p in model.aux_head.parameters())
+
+    # Once trained, the condition is the cognition feature plus the projected estimate, at inference too.
+    model.eval()
+    estimate = model.aux_head(cognition[:, 0])
+    expected = cognition + model.aux_projector(estimate).unsqueeze(1)
+    torch.testing.assert_close(model.condition(batch["image"], batch["prompt"], None), expected)
+    with torch.no_grad():
+        model.aux_head[2].bias.add_(1.0)  # another estimate, another condition
+    assert not torch.allclose(model.condition(batch["image"], batch["prompt"], None), expected)
+
+    # The checkpoint keeps the projector and acts from the image and prompt alone.
+    train_cfg = OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True), "unnorm_key": "toy"})
+    loaded = load_policy(save_checkpoint(tmp_path / "ckpt", model, train_cfg, _stats(), step=1))
+    torch.testing.assert_close(loaded.aux_projector.weight, model.aux_projector.weight)
+    observation = Observation(image=batch["image"][0].numpy(), prompt=batch["prompt"][0])
+    torch.manual_seed(3)
+    expected_chunk = model.predict_action(observation)
+    torch.manual_seed(3)
+    np.testing.assert_allclose(loaded.predict_action(observation), expected_chunk, atol=1e-5)

@@ -28,7 +28,11 @@ class CogACT(Policy):
     zero-initialised linear map added to the cognition feature; official CogACT has none (null).
     aux_dim: when set, `aux_head` (an MLP) predicts the frame's normalized auxiliary target [K] (batch["aux"], e.g.
     the task objects' positions) from the cognition feature, and aux_loss_weight * its MSE joins the loss: a training
-    signal that makes the VLM locate what the actions depend on. Inference never uses the head.
+    signal that makes the VLM locate what the actions depend on.
+    aux_condition: also feed that prediction (detached: the aux loss alone trains it) to the DiT through
+    `aux_projector`, a zero-initialised linear map added to the condition like the proprio state, so the action head
+    reads the objects' estimated positions beside the tcp's instead of decoding them from the cognition feature.
+    Training and inference both use the model's own estimate; the recorded positions are never an input.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class CogACT(Policy):
         proprio_dim: int | None = None,
         aux_dim: int | None = None,
         aux_loss_weight: float = 1.0,
+        aux_condition: bool = False,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -80,6 +85,13 @@ class CogACT(Policy):
             self.aux_head = torch.nn.Sequential(
                 torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, aux_dim)
             )
+        if aux_condition and not aux_dim:
+            raise ValueError("model.aux_condition feeds the aux head's prediction to the DiT: it needs model.aux_dim")
+        self.aux_projector = None
+        if aux_condition:
+            self.aux_projector = torch.nn.Linear(aux_dim, self.llm_backbone.hidden_size)
+            torch.nn.init.zeros_(self.aux_projector.weight)
+            torch.nn.init.zeros_(self.aux_projector.bias)
         self.ema_diffusion = None
         if use_ema:
             self.ema_diffusion = copy.deepcopy(self.action_model).requires_grad_(False)
@@ -123,8 +135,16 @@ class CogACT(Policy):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
 
     def condition(self, images: torch.Tensor, prompts: list[str], states: torch.Tensor | None) -> torch.Tensor:
-        """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state when configured."""
-        return self._with_proprio(self.cognition_features(images.to(self.device), prompts), states)
+        """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state and the projected
+        object-position estimate when configured."""
+        cognition = self.cognition_features(images.to(self.device), prompts)
+        condition = self._with_proprio(cognition, states)
+        if self.aux_projector is None:
+            return condition
+        return self._with_aux(condition, self.aux_head(cognition[:, 0]))
+
+    def _with_aux(self, condition: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        return condition + self.aux_projector(predicted.detach()).unsqueeze(1)
 
     def _with_proprio(self, condition: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
         if self.proprio_projector is None:
@@ -148,12 +168,14 @@ class CogACT(Policy):
             )
         cognition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
         condition = self._with_proprio(cognition, batch.get("state"))
+        predicted = None if self.aux_head is None else self.aux_head(cognition[:, 0])
+        if self.aux_projector is not None:
+            condition = self._with_aux(condition, predicted)
         repeats = self.repeated_diffusion_steps
         loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1))
-        if self.aux_head is None:
+        if predicted is None:
             return loss, {"loss": loss.detach()}
-        predicted = self.aux_head(cognition[:, 0]).float()
-        aux_loss = torch.nn.functional.mse_loss(predicted, self._aux_target(batch, len(predicted)))
+        aux_loss = torch.nn.functional.mse_loss(predicted.float(), self._aux_target(batch, len(predicted)))
         # "loss" stays the action loss (validation and the best checkpoint compare it across models).
         return loss + self.aux_loss_weight * aux_loss, {"loss": loss.detach(), "aux_loss": aux_loss.detach()}
 
