@@ -191,10 +191,14 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
     parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
     parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--eval-tasks", nargs="+", default=None, help="tasks to evaluate (default: every trained task)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "data" / "maniskill_e2e")
     parser.add_argument("--mini", action="store_true", help="2 demos of one task, 4 steps, 1 short episode")
     parser.add_argument("--train-override", nargs="*", default=[], help="extra train.py overrides")
     args = parser.parse_args()
+    unknown = sorted(set(args.eval_tasks or []) - set(args.tasks))
+    if unknown:
+        parser.error(f"--eval-tasks {unknown} are not among the trained --tasks {args.tasks}")
     if args.mini:
         args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
     from models.checkpoint import git_revision
@@ -258,6 +262,8 @@ def main() -> None:
 
     success: dict[str, dict] = {}
     for task, trajectory in zip(args.tasks, trajectories, strict=True):
+        if args.eval_tasks is not None and task not in args.eval_tasks:
+            continue
         started = time.perf_counter()
         budget = 10 if args.mini else episode_budget(trajectory)
         stdout = run(

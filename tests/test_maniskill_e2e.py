@@ -102,3 +102,14 @@ def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> 
     assert stack == every_task[2] and stack["data_dir"] == "/d/rlds" and stack["image_key"] == "observation/image"
     with pytest.raises(SystemExit, match="no dataset source"):
         sources_override(["PegInsertionSide-v1"])
+
+
+def test_evaluated_tasks_must_be_among_the_trained_ones(monkeypatch, capsys, tmp_path: Path) -> None:
+    from benchmarks import maniskill_e2e
+
+    argv = ["maniskill_e2e", "--tasks", "PushCube-v1", "--eval-tasks", "PickCube-v1", "--work-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        maniskill_e2e.main()
+    assert "--eval-tasks ['PickCube-v1'] are not among the trained --tasks ['PushCube-v1']" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "rejected before any stage ran"
