@@ -196,11 +196,11 @@ def main() -> None:
     parser.add_argument("--mini", action="store_true", help="2 demos of one task, 4 steps, 1 short episode")
     parser.add_argument("--train-override", nargs="*", default=[], help="extra train.py overrides")
     args = parser.parse_args()
-    unknown = sorted(set(args.eval_tasks or []) - set(args.tasks))
-    if unknown:
-        parser.error(f"--eval-tasks {unknown} are not among the trained --tasks {args.tasks}")
     if args.mini:
         args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
+    unknown = sorted(set(args.eval_tasks or []) - set(args.tasks))  # after --mini has cut the tasks to one
+    if unknown:
+        parser.error(f"--eval-tasks {unknown} are not among the trained --tasks {args.tasks}")
     from models.checkpoint import git_revision
 
     revision = git_revision()  # the code the run starts from, whatever is committed while it runs
