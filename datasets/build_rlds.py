@@ -10,9 +10,10 @@
         --out data/rlds --name maniskill_pickcube
 
 ManiSkill actions are written as recorded (gripper -1 close / +1 open): train on them with
-`action_transform: gripper_signed_to_unit`. States are sim.maniskill.panda_state (tcp xyz, tcp euler xyz, finger qpos
-x2, goal xyz: 11 dims); observation/object_pos holds the task objects' positions from the recorded env states
-(sim.maniskill.object_positions), a target for the model's auxiliary loss (RLDSSource.aux_key).
+`action_transform: gripper_signed_to_unit`. States are sim.maniskill.panda_state (tcp xyz, tcp rotation from the
+rest pose as euler xyz, finger qpos x2, goal xyz, goal - tcp xyz: 14 dims); observation/object_pos holds the task
+objects' positions from the recorded env states (sim.maniskill.object_positions), a target for the model's auxiliary
+loss (RLDSSource.aux_key).
 """
 
 from __future__ import annotations

@@ -36,26 +36,37 @@ EPISODE_PROMPT_TASKS = ("PickObject-v1",)
 CAMERA_ROBOTS = {"hand_camera": "panda_wristcam"}
 
 
-STATE_DIM = 11
+STATE_DIM = 14
+# The tcp orientation the state measures from: the Panda's gripper pointing straight down (ManiSkill's rest tcp
+# quaternion, wxyz [0, 1, 0, 0]). Absolute Euler angles of that pose sit at roll = +-pi and flip sign between
+# frames; measured from it they are small and continuous.
+REST_TCP_QUAT_WXYZ = (0.0, 1.0, 0.0, 0.0)
 # Actors of a task whose positions make the auxiliary target (object_positions): all but the static scene.
 OBJECT_SLOTS = 2
 STATIC_ACTORS = ("table", "ground")
 
 
 def panda_state(tcp_pose: np.ndarray, qpos: np.ndarray, goal_pos: np.ndarray | None = None) -> np.ndarray:
-    """The state the RLDS builder records and the evaluator sends, float32 [..., STATE_DIM]: tcp position xyz, tcp
-    orientation as extrinsic xyz Euler angles, the two finger joint positions, then the task's goal position xyz.
+    """The state the RLDS builder records and the evaluator sends, float32 [..., STATE_DIM]: tcp position xyz; tcp
+    orientation as the extrinsic xyz Euler angles of the world-frame rotation from the rest pose (R_tcp R_rest^-1);
+    the two finger joint positions; the task's goal position xyz; and the goal minus the tcp position xyz.
     tcp_pose [..., 7] is ManiSkill's raw pose (xyz + wxyz quaternion); qpos [..., 9] the arm's joints then the
     fingers; goal_pos [..., 3] is the `goal_pos` a task adds to its RGB observations because its cameras cannot see
-    the goal (PickCube-v1 hides its goal marker from them), zeros for a task without one (PushCube-v1's goal region
-    and StackCube-v1's target cube are in the image)."""
+    the goal (PickCube-v1 hides its goal marker from them). A task without one (PushCube-v1's goal region and
+    StackCube-v1's target cube are in the image) gets zeros for both goal parts."""
     from scipy.spatial.transform import Rotation
 
     tcp_pose, qpos = np.asarray(tcp_pose, np.float64), np.asarray(qpos, np.float64)
-    euler = Rotation.from_quat(tcp_pose[..., [4, 5, 6, 3]].reshape(-1, 4)).as_euler("xyz")
-    euler = euler.reshape(*tcp_pose.shape[:-1], 3)
-    goal = np.zeros((*tcp_pose.shape[:-1], 3)) if goal_pos is None else np.asarray(goal_pos, np.float64)
-    return np.concatenate([tcp_pose[..., :3], euler, qpos[..., -2:], goal], axis=-1).astype(np.float32)
+    rest = Rotation.from_quat(np.roll(REST_TCP_QUAT_WXYZ, -1))
+    rotation = Rotation.from_quat(tcp_pose[..., [4, 5, 6, 3]].reshape(-1, 4)) * rest.inv()
+    euler = rotation.as_euler("xyz").reshape(*tcp_pose.shape[:-1], 3)
+    position = tcp_pose[..., :3]
+    if goal_pos is None:
+        goal = to_goal = np.zeros_like(position)
+    else:
+        goal = np.broadcast_to(np.asarray(goal_pos, np.float64), position.shape)
+        to_goal = goal - position
+    return np.concatenate([position, euler, qpos[..., -2:], goal, to_goal], axis=-1).astype(np.float32)
 
 
 def object_positions(actors: dict[str, np.ndarray]) -> np.ndarray:

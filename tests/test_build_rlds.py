@@ -5,6 +5,7 @@ import pytest
 
 from datasets.build_rlds import main as build_rlds
 from datasets.rlds import RLDSSource, compute_statistics
+from sim.maniskill import STATE_DIM
 
 
 def _write_episodes(folder, count: int, suffix: str = ".npz") -> list[np.ndarray]:
@@ -117,7 +118,7 @@ def test_maniskill_trajectories_carry_the_objects_positions_as_an_aux_target(tmp
         ]
     np.testing.assert_allclose(stats["aux"]["max"], np.concatenate(objects).max(0), rtol=1e-6)
     np.testing.assert_allclose(objects[0][:, :3], cubes[0][:-1, :3])
-    assert len(stats["proprio"]["q01"]) == 11
+    assert len(stats["proprio"]["q01"]) == STATE_DIM
 
     cfg = LoaderConfig(image_size=16, window=4, batch_size=9, val_fraction=0.25, augment=False)
     (batch,) = list(iterate_torch(make_frame_dataset([source], {"pick": stats}, cfg, split="val")))

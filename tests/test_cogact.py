@@ -232,6 +232,48 @@ def test_proprio_state_conditions_the_head_and_is_normalized_at_inference() -> N
     assert model.metadata()["state_dim"] == 3
 
 
+def test_proprio_token_is_a_dit_input_of_its_own_and_survives_a_checkpoint(tmp_path) -> None:
+    with pytest.raises(InstantiationException, match=r"proprio_input must be 'add' or 'token', got 'concat'"):
+        instantiate(_model_cfg(proprio_dim=3, proprio_input="concat").model)
+    torch.manual_seed(0)
+    cfg = _model_cfg(proprio_dim=3, proprio_input="token")
+    model = instantiate(cfg.model)
+    stats = _stats()
+    stats["toy"]["proprio"] = summarize(np.random.default_rng(1).uniform(-5, 5, size=(200, 3)))
+    model.set_statistics(stats)
+    net = model.action_model.net
+    assert model.proprio_projector is None and net.state_embedder is not None
+    assert net.positional_embedding.shape[0] == model.action_horizon + 2  # condition, state, then the actions
+    batch = _batch(model)
+    with pytest.raises(ValueError, match=r"proprio state of 3 values"):
+        model.compute_loss(batch)
+    with pytest.raises(ValueError, match=r"expects \[batch, 3\]"):
+        model.compute_loss({**batch, "state": torch.zeros(2, 4)})
+
+    with torch.no_grad():  # the DiT's output layer starts at zero, which blocks every gradient below it
+        net.final_layer.linear.weight.normal_(std=0.02)
+    states = torch.tensor([[0.5, -0.5, 1.0], [-1.0, 0.0, 0.25]])
+    loss, _ = model.compute_loss({**batch, "state": states})
+    loss.backward()
+    assert net.state_embedder[0].weight.grad.abs().sum() > 0
+    model.eval()
+    predict = lambda states: model.predict_normalized(  # noqa: E731
+        batch["image"], batch["prompt"], states, generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.allclose(predict(states), predict(-states))  # with cfg_scale > 1 both passes read the state
+    assert model.cfg_scale > 1
+
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True), "unnorm_key": "toy"})
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, cfg, stats, step=1)
+    loaded = load_policy(ckpt)
+    assert loaded.state_token and loaded.action_model.net.state_embedder is not None
+    observation = Observation(image=batch["image"][0].numpy(), prompt=batch["prompt"][0], state=np.ones(3, np.float32))
+    torch.manual_seed(0)
+    expected = model.predict_action(observation)
+    torch.manual_seed(0)
+    np.testing.assert_allclose(loaded.predict_action(observation), expected, atol=1e-6)
+
+
 def test_aux_head_learns_the_target_from_the_cognition_feature_and_needs_no_aux_input_to_act(tmp_path) -> None:
     torch.manual_seed(0)
     cfg = _model_cfg(aux_dim=6, aux_loss_weight=0.5)

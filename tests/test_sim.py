@@ -398,9 +398,13 @@ def test_every_listed_task_builds_and_resets_here(env_id: str) -> None:
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 0
         assert state.shape == (STATE_DIM,) and state.dtype == np.float32 and np.isfinite(state).all()
         assert 0 <= state[6] <= 0.05 and 0 <= state[7] <= 0.05, "finger joint positions in metres"
+        # The gripper starts pointing down (some tasks turn it about z): roll and pitch from the rest pose are small,
+        # where absolute Euler angles would give a roll of +-pi
+        assert np.abs(state[3:5]).max() < 0.1, state[3:6]
         if env_id == "PickCube-v1":  # its goal marker is hidden from the cameras: the state carries it
             goal = env.unwrapped.goal_site.pose.p[0].cpu().numpy()
-            np.testing.assert_allclose(state[8:], goal, atol=1e-6)
+            np.testing.assert_allclose(state[8:11], goal, atol=1e-6)
+            np.testing.assert_allclose(state[11:], goal - state[:3], atol=1e-6)
             assert np.abs(goal).max() > 0
         elif env_id in ("PushCube-v1", "StackCube-v1"):
             assert (state[8:] == 0).all()

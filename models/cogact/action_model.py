@@ -86,7 +86,10 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """eps_theta(x_t [B, T, A], t [B], z [B, 1, C]) -> [B, T, A]."""
+    """eps_theta(x_t [B, T, A], t [B], z [B, 1, C][, state [B, S]]) -> [B, T, A].
+
+    With state_dim set, the normalized proprio state enters as a token of its own (`state_embedder`, an MLP) between
+    the condition token and the action tokens; classifier-free guidance's unconditioned pass keeps it."""
 
     def __init__(
         self,
@@ -97,13 +100,22 @@ class DiT(nn.Module):
         depth: int,
         num_heads: int,
         condition_dropout: float = 0.1,
+        state_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.history_embedder = Linear(action_dim, hidden_size)  # in the official layout; history is unused there too
         self.x_embedder = Linear(action_dim, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.z_embedder = ConditionEmbedder(condition_size, hidden_size, condition_dropout)
-        self.positional_embedding = nn.Parameter(hidden_size**-0.5 * torch.randn(horizon + 1, hidden_size))
+        self.state_embedder = None
+        if state_dim:
+            self.state_embedder = nn.Sequential(
+                nn.Linear(state_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
+        self.prefix_tokens = 2 if state_dim else 1
+        self.positional_embedding = nn.Parameter(
+            hidden_size**-0.5 * torch.randn(horizon + self.prefix_tokens, hidden_size)
+        )
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, action_dim)
         self._init_weights()
@@ -121,12 +133,18 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)  # the head starts by predicting zero noise
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        condition = self.t_embedder(t).unsqueeze(1) + self.z_embedder(z)  # [B, 1, D]
-        tokens = torch.cat([condition, self.x_embedder(x)], dim=1) + self.positional_embedding
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, state: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        prefix = [self.t_embedder(t).unsqueeze(1) + self.z_embedder(z)]  # [B, 1, D]
+        if self.state_embedder is not None:
+            if state is None:
+                raise ValueError("this action head reads a proprio state token (state_dim is set) and got no state")
+            prefix.append(self.state_embedder(state.to(x.dtype)).unsqueeze(1))
+        tokens = torch.cat([*prefix, self.x_embedder(x)], dim=1) + self.positional_embedding
         for block in self.blocks:
             tokens = block(tokens)
-        return self.final_layer(tokens)[:, 1:]
+        return self.final_layer(tokens)[:, self.prefix_tokens :]
 
 
 class ActionModel(nn.Module):
@@ -143,6 +161,7 @@ class ActionModel(nn.Module):
         num_heads: int | None = None,
         diffusion_steps: int = 100,
         condition_dropout: float = 0.1,
+        state_dim: int | None = None,
     ) -> None:
         super().__init__()
         if size is not None:
@@ -153,19 +172,27 @@ class ActionModel(nn.Module):
             raise ValueError("action head: set `size` or all of hidden_size, depth, num_heads")
         self.action_dim = action_dim
         self.horizon = future_action_window_size + 1
-        self.net = DiT(action_dim, self.horizon, condition_size, hidden_size, depth, num_heads, condition_dropout)
+        self.net = DiT(
+            action_dim, self.horizon, condition_size, hidden_size, depth, num_heads, condition_dropout, state_dim
+        )
         self.diffusion = GaussianDiffusion(diffusion_steps)
 
-    def loss(self, actions: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """MSE between true and predicted noise. actions [B, T, A] normalized; condition [B, 1, C]."""
+    def loss(self, actions: torch.Tensor, condition: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE between true and predicted noise. actions [B, T, A] normalized; condition [B, 1, C]; state [B, S]
+        normalized, for a head with a state token."""
         noise = torch.randn_like(actions)
         t = torch.randint(0, self.diffusion.num_steps, (actions.shape[0],), device=actions.device)
-        predicted = self.net(self.diffusion.q_sample(actions, t, noise), t, condition)
+        predicted = self.net(self.diffusion.q_sample(actions, t, noise), t, condition, state)
         return ((predicted.float() - noise.float()) ** 2).mean()
 
     @torch.no_grad()
     def sample(
-        self, condition: torch.Tensor, cfg_scale: float, ddim_steps: int, generator: torch.Generator | None = None
+        self,
+        condition: torch.Tensor,
+        cfg_scale: float,
+        ddim_steps: int,
+        generator: torch.Generator | None = None,
+        state: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalized action chunks [B, T, A] by DDIM; with cfg_scale > 1, eps = u + s (c - u) against `uncondition`."""
         batch = condition.shape[0]
@@ -176,13 +203,14 @@ class ActionModel(nn.Module):
         if cfg_scale > 1.0:
             uncondition = self.net.z_embedder.uncondition.expand(batch, 1, -1).to(dtype)
             z = torch.cat([condition, uncondition])
+            states = None if state is None else torch.cat([state, state])
 
             def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                cond_eps, uncond_eps = self.net(torch.cat([x, x]), torch.cat([t, t]), z).chunk(2)
+                cond_eps, uncond_eps = self.net(torch.cat([x, x]), torch.cat([t, t]), z, states).chunk(2)
                 return uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         else:
 
             def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.net(x, t, condition)
+                return self.net(x, t, condition, state)
 
         return self.diffusion.ddim_sample(eps_model, noise, ddim_steps)

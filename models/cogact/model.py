@@ -24,8 +24,10 @@ class CogACT(Policy):
     repeated_diffusion_steps: noise draws per sample in the loss (CogACT: 4). cfg_scale: classifier-free guidance
     at inference (1.0 disables it). ddim_steps: DDIM sampling steps. use_ema: keep an EMA copy of the action head
     (`ema_diffusion`) and sample with it. pretrained: an official CogACT checkpoint (Hub id or local run dir).
-    proprio_dim: when set, the normalized proprio state [S] (batch["state"]) enters through `proprio_projector`, a
-    zero-initialised linear map added to the cognition feature; official CogACT has none (null).
+    proprio_dim: when set, the normalized proprio state [S] (batch["state"]) is an input; official CogACT has none
+    (null). proprio_input says how it enters: "add" through `proprio_projector`, a zero-initialised linear map added
+    to the cognition feature (one condition token for the DiT), or "token" as a DiT input token of its own
+    (`action_model.net.state_embedder`, an MLP), which the action tokens attend to directly.
     aux_dim: when set, `aux_head` (an MLP) predicts the frame's normalized auxiliary target [K] (batch["aux"], e.g.
     the task objects' positions) from the cognition feature, and aux_loss_weight * its MSE joins the loss: a training
     signal that makes the VLM locate what the actions depend on.
@@ -51,6 +53,7 @@ class CogACT(Policy):
         gradient_checkpointing: bool = False,
         pretrained: str | None = None,
         proprio_dim: int | None = None,
+        proprio_input: str = "add",
         aux_dim: int | None = None,
         aux_loss_weight: float = 1.0,
         aux_condition: bool = False,
@@ -66,15 +69,19 @@ class CogACT(Policy):
         self.vision_backbone = DinoSigLIPBackbone(image_size=image_size, **vision_backbone)
         self.llm_backbone = LlamaBackbone(**llm_backbone)
         self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, self.llm_backbone.hidden_size)
+        if proprio_input not in ("add", "token"):
+            raise ValueError(f"model.proprio_input must be 'add' or 'token', got {proprio_input!r}")
+        self.proprio_dim = proprio_dim
+        self.state_token = bool(proprio_dim) and proprio_input == "token"
         self.action_model = ActionModel(
             condition_size=self.llm_backbone.hidden_size,
             action_dim=action_dim,
             future_action_window_size=future_action_window_size,
+            state_dim=proprio_dim if self.state_token else None,
             **action_model,
         )
-        self.proprio_dim = proprio_dim
         self.proprio_projector = None
-        if proprio_dim:
+        if proprio_dim and not self.state_token:
             self.proprio_projector = torch.nn.Linear(proprio_dim, self.llm_backbone.hidden_size)
             torch.nn.init.zeros_(self.proprio_projector.weight)
             torch.nn.init.zeros_(self.proprio_projector.bias)
@@ -138,7 +145,7 @@ class CogACT(Policy):
         """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state and the projected
         object-position estimate when configured."""
         cognition = self.cognition_features(images.to(self.device), prompts)
-        condition = self._with_proprio(cognition, states)
+        condition = self._with_proprio(cognition, self._states(states, len(cognition)))
         if self.aux_projector is None:
             return condition
         return self._with_aux(condition, self.aux_head(cognition[:, 0]))
@@ -149,15 +156,20 @@ class CogACT(Policy):
     def _with_proprio(self, condition: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
         if self.proprio_projector is None:
             return condition
+        return condition + self.proprio_projector(states.to(condition.dtype)).unsqueeze(1)
+
+    def _states(self, states: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """The normalized proprio states [B, S] on the model's device, checked; None for a model without."""
+        if not self.proprio_dim:
+            return None
         if states is None:
             raise ValueError(
                 f"this model takes a proprio state of {self.proprio_dim} values (model.proprio_dim) and got none: "
                 f"the dataset needs a state_key, and clients must send the robot's observation_keys.state"
             )
-        states = states.to(self.device, condition.dtype)
-        if states.shape != (condition.shape[0], self.proprio_dim):
+        if states.shape != (batch_size, self.proprio_dim):
             raise ValueError(f"states are {list(states.shape)}, the model expects [batch, {self.proprio_dim}]")
-        return condition + self.proprio_projector(states).unsqueeze(1)
+        return states.to(self.device, torch.float32)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
@@ -167,12 +179,14 @@ class CogACT(Policy):
                 f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
             )
         cognition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
-        condition = self._with_proprio(cognition, batch.get("state"))
+        states = self._states(batch.get("state"), len(cognition))
+        condition = self._with_proprio(cognition, states)
         predicted = None if self.aux_head is None else self.aux_head(cognition[:, 0])
         if self.aux_projector is not None:
             condition = self._with_aux(condition, predicted)
         repeats = self.repeated_diffusion_steps
-        loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1))
+        token = states.repeat(repeats, 1) if self.state_token else None
+        loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1), token)
         if predicted is None:
             return loss, {"loss": loss.detach()}
         aux_loss = torch.nn.functional.mse_loss(predicted.float(), self._aux_target(batch, len(predicted)))
@@ -208,7 +222,8 @@ class CogACT(Policy):
         """Normalized action chunks [B, T, A]; states are normalized proprio [B, S] (used when proprio_dim is set)."""
         condition = self.condition(images, prompts, states)
         head = self.ema_diffusion if self.ema_diffusion is not None else self.action_model
-        return head.sample(condition, self.cfg_scale, self.ddim_steps, generator=generator)
+        token = self._states(states, len(condition)) if self.state_token else None
+        return head.sample(condition, self.cfg_scale, self.ddim_steps, generator=generator, state=token)
 
     @torch.no_grad()
     def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
@@ -217,7 +232,7 @@ class CogACT(Policy):
         _, entry = select_statistics(self.statistics, self.unnorm_key)
         images = torch.from_numpy(np.stack([o.image for o in observations]))
         states = None
-        if self.proprio_projector is not None and all(o.state is not None for o in observations):
+        if self.proprio_dim and all(o.state is not None for o in observations):
             if "proprio" not in entry:
                 raise RuntimeError(f"statistics {self.unnorm_key!r} have no proprio entry to normalize states with")
             states = torch.from_numpy(normalize(np.stack([o.state for o in observations]), entry["proprio"]))
