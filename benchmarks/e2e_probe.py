@@ -1,11 +1,14 @@
-"""Where an end-to-end checkpoint's errors come from: how far its object-position head is off on held-out frames, and
-where its gripper is relative to the cube when it first closes in PickCube-v1 episodes.
+"""Where an end-to-end checkpoint's errors come from: how far its object-position head is off on held-out frames;
+where its gripper is relative to the cube when it first closes in PickCube-v1 episodes, how close the grasped cube
+gets to the goal, and whether the action head follows the goal in the state at all.
 
     .venv/bin/python -m benchmarks.e2e_probe <run>/checkpoints/step_003500 \
         --rlds data/maniskill_e2e/data/rlds --seeds 100000 100001 100002
 
-Prints per seed the tcp-minus-cube offset (cm) at the first close and whether the cube was ever grasped, then the
-head's mean and median absolute error per target dim (cm) over held-out frames (the run's own split and central crop).
+Prints per seed the tcp-minus-cube offset (cm) at the first close, whether the cube was ever grasped, the cube-goal
+distance while it was, and how the commanded xyz motion changes when the state's goal moves 5 cm along x, y or z
+(a policy that carries the cube to the goal moves with it: positive diagonal); then the head's mean and median
+absolute error per target dim (cm) over held-out frames (the run's own split and central crop).
 Actions go straight from the policy to the env, as the evaluator maps them (sim.actions.to_env_action).
 """
 
@@ -53,9 +56,15 @@ def aux_errors(policy, ckpt: Path, rlds_root: Path, batches: int) -> np.ndarray:
     return np.abs(predicted - recorded)
 
 
-def first_close(policy, robot: dict, seed: int, execute_steps: int, max_steps: int) -> tuple[np.ndarray | None, bool]:
-    """One PickCube-v1 episode: the tcp-minus-cube offset (m) when the gripper first closes, and whether the cube
-    was grasped at any step."""
+GOAL_SHIFT = 0.05  # metres the goal is moved along each axis to see whether the action head follows it
+
+
+def probe_episode(policy, robot: dict, seed: int, execute_steps: int, max_steps: int) -> dict:
+    """One PickCube-v1 episode. Returns the tcp-minus-cube offset (m) when the gripper first closes ("offset", None if
+    it never closes); whether the cube was ever grasped; the cube-to-goal distance (m) at the first grasped step, the
+    least while grasped and at the end ("carry", None without a grasp); and "goal_response": how the policy's mean
+    xyz action over its first 4 steps changes when the state's goal moves GOAL_SHIFT along x, y and z ([3 shifts,
+    3 action dims], env action units: 1 = 10 cm), taken at the first grasped step (else the last), "where"."""
     from serving.observation import adapt_observation
     from sim.actions import to_env_action
     from sim.maniskill import default_prompt, make_eval_env
@@ -64,38 +73,71 @@ def first_close(policy, robot: dict, seed: int, execute_steps: int, max_steps: i
     env = make_eval_env(PROMPT_TASK, robot["control_mode"], camera_size, robot["camera"], max_steps)
     task = env.unwrapped
     keys = {"image": "image", "wrist_image": None, "state": "state", "prompt": "prompt"}
-    offset, grasped = None, False
+
+    def adapt(obs: dict):
+        message = {**obs, "prompt": default_prompt(PROMPT_TASK)}
+        return adapt_observation(message, keys, policy.image_size, crop=policy.center_crop, roi=policy.image_roi)
+
+    def to_goal() -> float:
+        return float(np.linalg.norm((task.goal_site.pose.p[0] - task.cube.pose.p[0]).numpy()))
+
+    offset, distances, probed, where = None, [], None, "last step"
     try:
         obs, _ = env.reset(seed=seed)
         chunk = []
         for step in range(max_steps):
             if not chunk:
-                message = {**obs, "prompt": default_prompt(PROMPT_TASK)}
-                observation = adapt_observation(
-                    message, keys, policy.image_size, crop=policy.center_crop, roi=policy.image_roi
-                )
                 torch.manual_seed(step)
-                chunk = list(policy.predict_action(observation)[:execute_steps])
+                chunk = list(policy.predict_action(adapt(obs))[:execute_steps])
             action, _ = to_env_action(chunk.pop(0), robot, env.action_space.low, env.action_space.high)
             if action[6] < 0 and offset is None:
                 offset = (task.agent.tcp.pose.p[0] - task.cube.pose.p[0]).numpy()
             obs, _, terminated, truncated, info = env.step(action)
-            grasped = grasped or bool(task.agent.is_grasping(task.cube)[0])
+            if bool(task.agent.is_grasping(task.cube)[0]):
+                if not distances:
+                    probed, where = dict(obs), f"first grasped step {step + 1}"
+                distances.append(to_goal())
             if info["success"] or terminated or truncated:
                 break
+        final = to_goal()
     finally:
         env.close()
-    return offset, grasped
+    response = goal_response(policy, adapt, probed if probed is not None else obs)
+    carry = (distances[0], min(distances), final) if distances else None
+    return {"offset": offset, "grasped": bool(distances), "carry": carry, "goal_response": response, "where": where}
 
 
-def grasp_offsets(ckpt: Path, seeds: list[int], execute_steps: int, max_steps: int) -> list:
-    """first_close for each seed, in this process (the spawned child of main)."""
+def goal_response(policy, adapt, obs: dict) -> np.ndarray:
+    """[3, 3]: row i is the change of the mean xyz action (first 4 steps, 4 noise seeds) when the goal in the state
+    moves GOAL_SHIFT along axis i (its goal - tcp part with it)."""
+    from sim.maniskill import STATE_GOAL, STATE_TO_GOAL
+
+    def mean_xyz(state: np.ndarray) -> np.ndarray:
+        observation = adapt({**obs, "state": state})
+        draws = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            draws.append(policy.predict_action(observation)[:4, :3].mean(0))
+        return np.mean(draws, 0)
+
+    base = mean_xyz(obs["state"])
+    rows = []
+    for axis in range(3):
+        state = np.array(obs["state"], np.float32)
+        state[STATE_GOAL][axis] += GOAL_SHIFT
+        state[STATE_TO_GOAL][axis] += GOAL_SHIFT
+        rows.append(mean_xyz(state) - base)
+    return np.stack(rows)
+
+
+def probe_episodes(ckpt: Path, seeds: list[int], execute_steps: int, max_steps: int) -> list[dict]:
+    """probe_episode for each seed, in this process (the spawned child of main)."""
     from models.checkpoint import load_policy
 
     torch.set_num_threads(1)
     policy = load_policy(ckpt).eval()
     robot = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml").robot, resolve=True)
-    return [first_close(policy, robot, seed, execute_steps, max_steps) for seed in seeds]
+    return [probe_episode(policy, robot, seed, execute_steps, max_steps) for seed in seeds]
 
 
 def main() -> None:
@@ -117,10 +159,25 @@ def main() -> None:
     # The simulator in a process of its own: SAPIEN's renderer and TensorFlow segfault when one process loads both
     # (in either order; scripts/test.sh runs the simulator tests apart for the same reason).
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        episodes = pool.apply(grasp_offsets, (args.ckpt, args.seeds, args.execute_steps, args.max_steps))
-    for seed, (offset, grasped) in zip(args.seeds, episodes, strict=True):
+        episodes = pool.apply(probe_episodes, (args.ckpt, args.seeds, args.execute_steps, args.max_steps))
+    for seed, episode in zip(args.seeds, episodes, strict=True):
+        offset = episode["offset"]
         where = "never closed" if offset is None else f"tcp - cube at first close (cm) {_cm(offset)}"
-        print(f"{PROMPT_TASK} seed {seed}: {where}; grasped: {grasped}", flush=True)
+        print(f"{PROMPT_TASK} seed {seed}: {where}; grasped: {episode['grasped']}", flush=True)
+        if episode["carry"] is not None:
+            print(
+                "  cube - goal distance (cm) at the grasp, least while grasped, at the end: "
+                + _cm(episode["carry"], "")
+            )
+        response = "; ".join(
+            f"goal +{axis}: {_cm(row / 10, sign='+')}"
+            for axis, row in zip("xyz", episode["goal_response"], strict=True)
+        )
+        print(
+            f"  xyz action change (cm per step) at the {episode['where']} for a {100 * GOAL_SHIFT:.0f} cm goal shift: "
+            f"{response}",
+            flush=True,
+        )
     errors = aux_errors(policy, args.ckpt, args.rlds, args.val_batches)
     print(f"object-position head on {len(errors)} held-out frames, |error| per dim (cm):")
     print(f"  mean   {_cm(errors.mean(0), sign='')}")

@@ -37,6 +37,7 @@ CAMERA_ROBOTS = {"hand_camera": "panda_wristcam"}
 
 
 STATE_DIM = 14
+STATE_GOAL, STATE_TO_GOAL = slice(8, 11), slice(11, 14)  # where panda_state puts the goal and goal - tcp
 # The tcp orientation the state measures from: the Panda's gripper pointing straight down (ManiSkill's rest tcp
 # quaternion, wxyz [0, 1, 0, 0]). Absolute Euler angles of that pose sit at roll = +-pi and flip sign between
 # frames; measured from it they are small and continuous.

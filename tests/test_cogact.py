@@ -351,3 +351,37 @@ def test_aux_condition_feeds_the_detached_object_estimate_to_the_action_head(tmp
     expected_chunk = model.predict_action(observation)
     torch.manual_seed(3)
     np.testing.assert_allclose(loaded.predict_action(observation), expected_chunk, atol=1e-5)
+
+
+def test_with_a_state_token_the_object_estimate_joins_the_token_input() -> None:
+    torch.manual_seed(0)
+    cfg = _model_cfg(proprio_dim=3, proprio_input="token", aux_dim=6, aux_condition=True)
+    model = instantiate(cfg.model)
+    model.set_statistics(_stats())
+    assert model.aux_projector is None and model.action_model.net.state_embedder[0].in_features == 3 + 6
+    batch = _batch(model)
+    batch["aux"] = torch.rand(2, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batch["state"] = torch.tensor([[0.5, -0.5, 1.0], [-1.0, 0.0, 0.25]])
+
+    cognition = model.cognition_features(batch["image"], batch["prompt"])
+    condition, token, predicted = model.head_inputs(cognition, batch["state"])
+    torch.testing.assert_close(condition, cognition)  # nothing is added to the condition token
+    torch.testing.assert_close(token, torch.cat([batch["state"], predicted], dim=-1))
+
+    # The action loss reaches the token's embedder but not the estimate (the aux loss alone trains the aux head).
+    with torch.no_grad():
+        model.action_model.net.final_layer.linear.weight.normal_(std=0.02)
+    model.aux_loss_weight = 0.0
+    loss, _ = model.compute_loss(batch)
+    loss.backward()
+    assert model.action_model.net.state_embedder[0].weight.grad[:, 3:].abs().sum() > 0
+    assert all(p.grad is not None and not p.grad.any() for p in model.aux_head.parameters())
+
+    model.eval()
+    predict = lambda: model.predict_normalized(  # noqa: E731
+        batch["image"], batch["prompt"], batch["state"], generator=torch.Generator().manual_seed(0)
+    )
+    before = predict()
+    with torch.no_grad():
+        model.aux_head[2].bias.add_(1.0)  # another estimate, other actions
+    assert not torch.allclose(predict(), before)

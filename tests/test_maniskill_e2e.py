@@ -12,6 +12,8 @@ from pathlib import Path
 import h5py
 import pytest
 
+from sim.maniskill import STATE_DIM
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -42,8 +44,8 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     (stats,) = (tmp_path / "runs").glob("*/dataset_statistics.json")
     entry = json.loads(stats.read_text())["maniskill_e2e"]
     assert entry["num_trajectories"] == 2 and entry["action"]["mask"] == [True] * 6 + [False]
-    assert len(entry["proprio"]["q01"]) == 11, "the Panda state (tcp pose, fingers, goal) is recorded and normalized"
-    assert entry["proprio"]["max"][8:] == [0, 0, 0], "PushCube-v1 shows its goal in the image: no goal in the state"
+    assert len(entry["proprio"]["q01"]) == STATE_DIM, "the Panda state (tcp pose, fingers, goal) is recorded"
+    assert entry["proprio"]["max"][8:] == [0] * 6, "PushCube-v1 shows its goal in the image: no goal in the state"
     # The auxiliary target: cube and goal region positions from the recorded env states (goal region on the table).
     assert len(entry["aux"]["q01"]) == 6 and entry["aux"]["max"][5] == entry["aux"]["min"][5]
 
@@ -60,6 +62,8 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert "PickCube-v1 seed 100000: " in probe.stdout and "; grasped: " in probe.stdout
+    response = probe.stdout.split("for a 5 cm goal shift: ")[1].splitlines()[0]
+    assert [part.split(":")[0] for part in response.split("; ")] == ["goal +x", "goal +y", "goal +z"], response
     frames = int(probe.stdout.split("object-position head on ")[1].split()[0])
     mean = probe.stdout.split("mean")[1].splitlines()[0]
     errors = [float(v) for v in mean.strip(" []").split(",")]

@@ -31,9 +31,10 @@ class CogACT(Policy):
     aux_dim: when set, `aux_head` (an MLP) predicts the frame's normalized auxiliary target [K] (batch["aux"], e.g.
     the task objects' positions) from the cognition feature, and aux_loss_weight * its MSE joins the loss: a training
     signal that makes the VLM locate what the actions depend on.
-    aux_condition: also feed that prediction (detached: the aux loss alone trains it) to the DiT through
-    `aux_projector`, a zero-initialised linear map added to the condition like the proprio state, so the action head
-    reads the objects' estimated positions beside the tcp's instead of decoding them from the cognition feature.
+    aux_condition: also feed that prediction (detached: the aux loss alone trains it) to the DiT, so the action head
+    reads the objects' estimated positions beside the tcp's instead of decoding them from the cognition feature:
+    through `aux_projector`, a zero-initialised linear map added to the condition like the proprio state, or with
+    proprio_input="token" as part of the state token's input.
     Training and inference both use the model's own estimate; the recorded positions are never an input.
     """
 
@@ -77,7 +78,7 @@ class CogACT(Policy):
             condition_size=self.llm_backbone.hidden_size,
             action_dim=action_dim,
             future_action_window_size=future_action_window_size,
-            state_dim=proprio_dim if self.state_token else None,
+            state_dim=(proprio_dim + (aux_dim or 0) * aux_condition) if self.state_token else None,
             **action_model,
         )
         self.proprio_projector = None
@@ -94,8 +95,9 @@ class CogACT(Policy):
             )
         if aux_condition and not aux_dim:
             raise ValueError("model.aux_condition feeds the aux head's prediction to the DiT: it needs model.aux_dim")
+        self.aux_condition = aux_condition
         self.aux_projector = None
-        if aux_condition:
+        if aux_condition and not self.state_token:
             self.aux_projector = torch.nn.Linear(aux_dim, self.llm_backbone.hidden_size)
             torch.nn.init.zeros_(self.aux_projector.weight)
             torch.nn.init.zeros_(self.aux_projector.bias)
@@ -143,20 +145,27 @@ class CogACT(Policy):
 
     def condition(self, images: torch.Tensor, prompts: list[str], states: torch.Tensor | None) -> torch.Tensor:
         """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state and the projected
-        object-position estimate when configured."""
+        object-position estimate when they are added to it (proprio_input="add")."""
         cognition = self.cognition_features(images.to(self.device), prompts)
-        condition = self._with_proprio(cognition, self._states(states, len(cognition)))
-        if self.aux_projector is None:
-            return condition
-        return self._with_aux(condition, self.aux_head(cognition[:, 0]))
+        return self.head_inputs(cognition, states)[0]
 
-    def _with_aux(self, condition: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-        return condition + self.aux_projector(predicted.detach()).unsqueeze(1)
-
-    def _with_proprio(self, condition: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
-        if self.proprio_projector is None:
-            return condition
-        return condition + self.proprio_projector(states.to(condition.dtype)).unsqueeze(1)
+    def head_inputs(
+        self, cognition: torch.Tensor, states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What the action head reads, for training and inference alike: (the condition [B, 1, D]; the state token's
+        input [B, S (+ K)] or None; the aux head's prediction [B, K] or None). With aux_condition the prediction,
+        detached, is added to the condition through aux_projector, or with proprio_input="token" joins the state
+        token's input, where one linear map gives object-minus-tcp offsets."""
+        states = self._states(states, len(cognition))
+        predicted = None if self.aux_head is None else self.aux_head(cognition[:, 0])
+        condition, token = cognition, states if self.state_token else None
+        if self.proprio_projector is not None:
+            condition = condition + self.proprio_projector(states.to(condition.dtype)).unsqueeze(1)
+        if self.aux_projector is not None:
+            condition = condition + self.aux_projector(predicted.detach()).unsqueeze(1)
+        if self.aux_condition and self.state_token:
+            token = torch.cat([token, predicted.detach().to(token.dtype)], dim=-1)
+        return condition, token, predicted
 
     def _states(self, states: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
         """The normalized proprio states [B, S] on the model's device, checked; None for a model without."""
@@ -179,13 +188,9 @@ class CogACT(Policy):
                 f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
             )
         cognition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
-        states = self._states(batch.get("state"), len(cognition))
-        condition = self._with_proprio(cognition, states)
-        predicted = None if self.aux_head is None else self.aux_head(cognition[:, 0])
-        if self.aux_projector is not None:
-            condition = self._with_aux(condition, predicted)
+        condition, token, predicted = self.head_inputs(cognition, batch.get("state"))
         repeats = self.repeated_diffusion_steps
-        token = states.repeat(repeats, 1) if self.state_token else None
+        token = None if token is None else token.repeat(repeats, 1)
         loss = self.action_model.loss(actions.repeat(repeats, 1, 1), condition.repeat(repeats, 1, 1), token)
         if predicted is None:
             return loss, {"loss": loss.detach()}
@@ -220,9 +225,9 @@ class CogACT(Policy):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Normalized action chunks [B, T, A]; states are normalized proprio [B, S] (used when proprio_dim is set)."""
-        condition = self.condition(images, prompts, states)
+        cognition = self.cognition_features(images.to(self.device), prompts)
+        condition, token, _ = self.head_inputs(cognition, states)
         head = self.ema_diffusion if self.ema_diffusion is not None else self.action_model
-        token = self._states(states, len(condition)) if self.state_token else None
         return head.sample(condition, self.cfg_scale, self.ddim_steps, generator=generator, state=token)
 
     @torch.no_grad()
