@@ -104,3 +104,15 @@ def test_lora_checkpoint_holds_only_trained_weights_and_merges(official_run, tmp
     merged = load_policy(merged_dir)
     assert not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(_sample(merged, batch), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_official_weights_load_into_a_head_with_a_state_token(official_run) -> None:
+    run_dir, source = official_run
+    torch.manual_seed(2)
+    loaded = instantiate(_cfg(f"model.pretrained={run_dir}", "model.proprio_dim=3", "model.proprio_input=token").model)
+    official, ours = source.action_model.net, loaded.action_model.net
+    torch.testing.assert_close(ours.positional_embedding[0], official.positional_embedding[0])
+    torch.testing.assert_close(ours.positional_embedding[2:], official.positional_embedding[1:])
+    for name, weight in official.blocks.state_dict().items():
+        torch.testing.assert_close(ours.blocks.state_dict()[name], weight)
+    assert ours.state_embedder[0].weight.abs().sum() > 0  # its own fresh init: the official head has no state

@@ -57,10 +57,26 @@ def load_official_weights(model: nn.Module, pretrained: str) -> dict[str, list[s
         if source is None:
             report["missing_modules"].append(key)
             continue
+        new_keys = ()
+        if key in ("action_model", "ema_diffusion") and module.net.state_embedder is not None:
+            source, new_keys = _with_state_token(module, source)
         result = module.load_state_dict(source, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            problems.append(f"{key}: missing {result.missing_keys[:20]}, unexpected {result.unexpected_keys[:20]}")
+        missing = [name for name in result.missing_keys if not name.startswith(new_keys)]
+        if missing or result.unexpected_keys:
+            problems.append(f"{key}: missing {missing[:20]}, unexpected {result.unexpected_keys[:20]}")
         report["loaded"].append(key)
     if problems:
         raise KeyError(f"{run_dir} does not match the model:\n" + "\n".join(problems))
     return report
+
+
+def _with_state_token(head: nn.Module, source: dict) -> tuple[dict, tuple[str, ...]]:
+    """An official action head's weights for a head with a state token (proprio_input="token"): the positional
+    embedding's condition row and action rows go where that head keeps them (rows 0 and 2...), the state token's row
+    and its embedder keep their fresh init. Returns the weights and the key prefixes the official file lacks."""
+    official = source.get("net.positional_embedding")
+    positions = head.net.positional_embedding.detach().clone()
+    if official is None or official.shape[0] != positions.shape[0] - 1:
+        return source, ()  # load_state_dict then reports the mismatch with the keys
+    positions[0], positions[2:] = official[0], official[1:]
+    return {**source, "net.positional_embedding": positions}, ("net.state_embedder.",)
