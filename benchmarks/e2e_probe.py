@@ -64,7 +64,8 @@ def probe_episode(policy, robot: dict, seed: int, execute_steps: int, max_steps:
     it never closes); whether the cube was ever grasped; the cube-to-goal distance (m) at the first grasped step, the
     least while grasped and at the end ("carry", None without a grasp); and "goal_response": how the policy's mean
     xyz action over its first 4 steps changes when the state's goal moves GOAL_SHIFT along x, y and z ([3 shifts,
-    3 action dims], env action units: 1 = 10 cm), taken at the first grasped step (else the last), "where"."""
+    3 action dims], in the policy's units, which robot=maniskill_panda maps 1:1 to the env's: 1 = 10 cm), taken at
+    the first grasped step (else the last), "where"."""
     from serving.observation import adapt_observation
     from sim.actions import to_env_action
     from sim.maniskill import default_prompt, make_eval_env

@@ -145,7 +145,10 @@ class CogACT(Policy):
 
     def condition(self, images: torch.Tensor, prompts: list[str], states: torch.Tensor | None) -> torch.Tensor:
         """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state and the projected
-        object-position estimate when they are added to it (proprio_input="add")."""
+        object-position estimate when they are added to it (proprio_input="add"). A head with a state token reads
+        more than this: use head_inputs()."""
+        if self.state_token:
+            raise ValueError('with model.proprio_input="token" the DiT also reads a state token: use head_inputs()')
         cognition = self.cognition_features(images.to(self.device), prompts)
         return self.head_inputs(cognition, states)[0]
 

@@ -76,7 +76,7 @@ def _with_state_token(head: nn.Module, source: dict) -> tuple[dict, tuple[str, .
     and its embedder keep their fresh init. Returns the weights and the key prefixes the official file lacks."""
     official = source.get("net.positional_embedding")
     positions = head.net.positional_embedding.detach().clone()
-    if official is None or official.shape[0] != positions.shape[0] - 1:
-        return source, ()  # load_state_dict then reports the mismatch with the keys
+    if official is None or tuple(official.shape) != (positions.shape[0] - 1, *positions.shape[1:]):
+        return source, ()  # load_state_dict then reports the mismatch: missing keys or the two shapes
     positions[0], positions[2:] = official[0], official[1:]
     return {**source, "net.positional_embedding": positions}, ("net.state_embedder.",)
