@@ -39,6 +39,7 @@ from sim import (
     to_env_action,
     wilson_interval,
 )
+from sim.maniskill import STATE_GOAL, STATE_TO_GOAL
 
 REPO = Path(__file__).resolve().parent.parent
 ROBOT = OmegaConf.load(REPO / "conf/robot/maniskill_panda.yaml")
@@ -403,8 +404,8 @@ def test_every_listed_task_builds_and_resets_here(env_id: str) -> None:
         assert np.abs(state[3:5]).max() < 0.1, state[3:6]
         if env_id == "PickCube-v1":  # its goal marker is hidden from the cameras: the state carries it
             goal = env.unwrapped.goal_site.pose.p[0].cpu().numpy()
-            np.testing.assert_allclose(state[8:11], goal, atol=1e-6)
-            np.testing.assert_allclose(state[11:], goal - state[:3], atol=1e-6)
+            np.testing.assert_allclose(state[STATE_GOAL], goal, atol=1e-6)
+            np.testing.assert_allclose(state[STATE_TO_GOAL], goal - state[:3], atol=1e-6)
             assert np.abs(goal).max() > 0
         elif env_id in ("PushCube-v1", "StackCube-v1"):
             assert (state[8:] == 0).all()
