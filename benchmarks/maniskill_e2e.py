@@ -190,6 +190,12 @@ def main() -> None:
     parser.add_argument("--replay-envs", type=int, default=os.cpu_count() or 1, help="processes replaying demos")
     parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
     parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
+    parser.add_argument(
+        "--execute-steps",
+        type=int,
+        default=2,
+        help="actions executed from each predicted chunk before the next query (PickCube-v1: 2 doubled 4's successes)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--eval-tasks", nargs="+", default=None, help="tasks to evaluate (default: every trained task)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "data" / "maniskill_e2e")
@@ -276,6 +282,7 @@ def main() -> None:
                 f"seed={EVAL_SEED_OFFSET}",
                 f"max_steps={budget}",
                 f"workers={1 if args.mini else args.workers}",
+                f"execute_steps={args.execute_steps}",
                 f"hydra.run.dir={work / 'eval' / stamp / task}",
             ],
             logs / f"eval_{task}.log",
