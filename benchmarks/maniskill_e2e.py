@@ -165,8 +165,9 @@ def hydra_value(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def sources_override(tasks: list[str]) -> str:
-    """The train.py override that keeps the experiment config's dataset sources of these tasks, in their order."""
+def sources_override(tasks: list[str], weights: dict[str, float] | None = None) -> str:
+    """The train.py override that keeps the experiment config's dataset sources of these tasks, in their order, with
+    the mixture weights given (a task not named keeps its config's weight)."""
     from omegaconf import OmegaConf
 
     config = REPO / "conf" / "experiment" / "maniskill_e2e.yaml"
@@ -174,7 +175,11 @@ def sources_override(tasks: list[str]) -> str:
     missing = [dataset_name(task) for task in tasks if dataset_name(task) not in sources]
     if missing:
         raise SystemExit(f"{config} has no dataset source {missing}: add one per task (its sources: {list(sources)})")
-    return "dataset.sources=" + hydra_value([sources[dataset_name(task)] for task in tasks])
+    chosen = [
+        {**sources[dataset_name(task)], **({"weight": weights[task]} if task in (weights or {}) else {})}
+        for task in tasks
+    ]
+    return "dataset.sources=" + hydra_value(chosen)
 
 
 def main() -> None:
@@ -183,6 +188,9 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=100, help="successful demonstrations per task")
     parser.add_argument(
         "--task-demos", nargs="*", default=[], metavar="TASK=N", help="per-task demonstration counts over --demos"
+    )
+    parser.add_argument(
+        "--task-weights", nargs="*", default=[], metavar="TASK=W", help="mixture weights over the config's (1 each)"
     )
     parser.add_argument(
         "--camera-size", type=int, default=DEFAULT_CAMERA_SIZE, help="px of the demos' and evaluation's camera"
@@ -207,6 +215,9 @@ def main() -> None:
     unknown = sorted(set(args.eval_tasks or []) - set(args.tasks))  # after --mini has cut the tasks to one
     if unknown:
         parser.error(f"--eval-tasks {unknown} are not among the trained --tasks {args.tasks}")
+    weights = {task: float(w) for task, w in (item.split("=") for item in args.task_weights)}
+    if sorted(set(weights) - set(args.tasks)):
+        parser.error(f"--task-weights {sorted(set(weights) - set(args.tasks))} are not among the --tasks {args.tasks}")
     from models.checkpoint import git_revision
 
     revision = git_revision()  # the code the run starts from, whatever is committed while it runs
@@ -246,7 +257,7 @@ def main() -> None:
 
     started = time.perf_counter()
     train_dir = work / "runs" / stamp
-    overrides = [f"hydra.run.dir={train_dir}", sources_override(args.tasks)]
+    overrides = [f"hydra.run.dir={train_dir}", sources_override(args.tasks, weights)]
     if args.train_steps is not None:
         overrides.append(f"max_steps={args.train_steps}")
     if args.mini:

@@ -104,6 +104,8 @@ def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> 
     assert sources(sources_override(list(TASKS))) == every_task  # the override round-trips through Hydra's grammar
     (stack,) = sources(sources_override(["StackCube-v1"]))
     assert stack == every_task[2] and stack["data_dir"] == "/d/rlds" and stack["image_key"] == "observation/image"
+    push, pick = sources(sources_override(["PushCube-v1", "PickCube-v1"], {"PickCube-v1": 2.0}))
+    assert (push["weight"], pick["weight"]) == (1.0, 2.0) and pick == {**every_task[1], "weight": 2.0}
     with pytest.raises(SystemExit, match="no dataset source"):
         sources_override(["PegInsertionSide-v1"])
 
@@ -116,4 +118,15 @@ def test_evaluated_tasks_must_be_among_the_trained_ones(monkeypatch, capsys, tmp
     with pytest.raises(SystemExit):
         maniskill_e2e.main()
     assert "--eval-tasks ['PickCube-v1'] are not among the trained --tasks ['PushCube-v1']" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "rejected before any stage ran"
+
+
+def test_weighted_tasks_must_be_among_the_trained_ones(monkeypatch, capsys, tmp_path: Path) -> None:
+    from benchmarks import maniskill_e2e
+
+    argv = ["maniskill_e2e", "--tasks", "PushCube-v1", "--task-weights", "PickCube-v1=2", "--work-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        maniskill_e2e.main()
+    assert "--task-weights ['PickCube-v1'] are not among the --tasks ['PushCube-v1']" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "rejected before any stage ran"
