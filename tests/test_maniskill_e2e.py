@@ -121,9 +121,11 @@ def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> 
             ["--task-weights", "PickCube-v1=2"],
             "--task-weights ['PickCube-v1'] are not among the --tasks ['PushCube-v1']",
         ),
+        (["--task-weights", "PushCube-v1"], "expected TASK=FLOAT, got 'PushCube-v1'"),
+        (["--task-demos", "PushCube-v1=many"], "expected TASK=INT, got 'PushCube-v1=many'"),
     ],
 )
-def test_tasks_evaluated_or_weighted_must_be_among_the_trained_ones(
+def test_task_arguments_are_checked_before_any_stage(
     flag: list[str], message: str, monkeypatch, capsys, tmp_path: Path
 ) -> None:
     from benchmarks import maniskill_e2e
