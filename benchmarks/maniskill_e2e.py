@@ -176,10 +176,8 @@ def sources_override(tasks: list[str], weights: dict[str, float] | None = None) 
     missing = [dataset_name(task) for task in tasks if dataset_name(task) not in sources]
     if missing:
         raise SystemExit(f"{config} has no dataset source {missing}: add one per task (its sources: {list(sources)})")
-    chosen = [
-        {**sources[dataset_name(task)], **({"weight": weights[task]} if task in (weights or {}) else {})}
-        for task in tasks
-    ]
+    weights = weights or {}
+    chosen = [sources[dataset_name(task)] | ({"weight": weights[task]} if task in weights else {}) for task in tasks]
     return "dataset.sources=" + hydra_value(chosen)
 
 
@@ -238,12 +236,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.mini:
         args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
-    unknown = sorted(set(args.eval_tasks or []) - set(args.tasks))  # after --mini has cut the tasks to one
-    if unknown:
-        parser.error(f"--eval-tasks {unknown} are not among the trained --tasks {args.tasks}")
     weights = dict(args.task_weights)
-    if sorted(set(weights) - set(args.tasks)):
-        parser.error(f"--task-weights {sorted(set(weights) - set(args.tasks))} are not among the --tasks {args.tasks}")
+    for flag, named in (("--eval-tasks", args.eval_tasks or []), ("--task-weights", weights)):
+        unknown = sorted(set(named) - set(args.tasks))  # after --mini has cut the tasks to one
+        if unknown:
+            parser.error(f"{flag} {unknown} are not among the trained --tasks {args.tasks}")
     from models.checkpoint import git_revision
 
     revision = git_revision()  # the code the run starts from, whatever is committed while it runs
