@@ -47,6 +47,8 @@ def main(cfg: DictConfig) -> float:
 
     with contextlib.ExitStack() as stack:
         if cfg.server:
+            if any(value is not None for value in cfg.sampling.values()):
+                raise SystemExit("eval_maniskill.py: sampling.* applies to the ckpt= server only; set it on serve.py")
             host, _, port = str(cfg.server).rpartition(":")
             if not host or not port.isdigit():
                 raise SystemExit(f"eval_maniskill.py: server must be host:port, got {cfg.server!r}")
@@ -54,7 +56,15 @@ def main(cfg: DictConfig) -> float:
         else:
             from models import load_policy
 
-            policy = load_policy(cfg.ckpt, device=cfg.device, unnorm_key=cfg.unnorm_key)
+            try:
+                policy = load_policy(
+                    cfg.ckpt,
+                    device=cfg.device,
+                    unnorm_key=cfg.unnorm_key,
+                    sampling=OmegaConf.to_container(cfg.sampling),
+                )
+            except ValueError as error:
+                raise SystemExit(f"eval_maniskill.py: {error}") from None
             server = PolicyServer(
                 policy, robot.observation_keys, unnorm_key=cfg.unnorm_key or ckpt_cfg.get("unnorm_key")
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="serve")
@@ -21,7 +21,12 @@ def main(cfg: DictConfig) -> None:
     if robot is None:
         raise SystemExit(f"serve.py: {cfg.ckpt}/config.yaml has no robot config; pass robot=<name>")
 
-    policy = load_policy(cfg.ckpt, device=cfg.device, unnorm_key=cfg.unnorm_key)
+    try:
+        policy = load_policy(
+            cfg.ckpt, device=cfg.device, unnorm_key=cfg.unnorm_key, sampling=OmegaConf.to_container(cfg.sampling)
+        )
+    except ValueError as error:
+        raise SystemExit(f"serve.py: {error}") from None
     server = PolicyServer(
         policy,
         robot.observation_keys,

@@ -236,8 +236,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mini:
         args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
-    weights = dict(args.task_weights)
-    for flag, named in (("--eval-tasks", args.eval_tasks or []), ("--task-weights", weights)):
+    weights, demos = dict(args.task_weights), dict(args.task_demos)
+    for flag, named in (("--eval-tasks", args.eval_tasks or []), ("--task-weights", weights), ("--task-demos", demos)):
         unknown = sorted(set(named) - set(args.tasks))  # after --mini has cut the tasks to one
         if unknown:
             parser.error(f"{flag} {unknown} are not among the trained --tasks {args.tasks}")
@@ -251,8 +251,7 @@ def main() -> None:
     wall: dict[str, float] = {}
 
     started = time.perf_counter()
-    counts = {task: args.demos for task in args.tasks}
-    counts.update(dict(args.task_demos))
+    counts = {task: demos.get(task, args.demos) for task in args.tasks}
     envs = 1 if args.mini else args.replay_envs
     trajectories = [record_demos(task, counts[task], work, logs, envs, args.camera_size) for task in args.tasks]
     wall["demonstrations_s"] = time.perf_counter() - started

@@ -111,8 +111,12 @@ def load_config(ckpt_dir: str | Path) -> DictConfig:
     return OmegaConf.load(ckpt_dir / "config.yaml")
 
 
-def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | None = None) -> Policy:
-    """Rebuild the policy from <ckpt>/config.yaml, load its weights and statistics; ready for inference."""
+def load_policy(
+    ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | None = None, sampling: dict | None = None
+) -> Policy:
+    """Rebuild the policy from <ckpt>/config.yaml, load its weights and statistics; ready for inference.
+    `sampling` overrides inference-only model settings (CogACT: cfg_scale, ddim_steps); a None value keeps the
+    checkpoint's."""
     from datasets.statistics import load_statistics
 
     ckpt_dir = Path(ckpt_dir)
@@ -121,6 +125,12 @@ def load_policy(ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | Non
     trainable_only = meta.get("weights") == "trainable_only"
     # A full checkpoint holds every weight: never fetch base weights again. A LoRA one rebuilds its base first.
     overrides: dict = {} if trainable_only else {"pretrained": None}
+    for key, value in (sampling or {}).items():
+        if value is None:
+            continue
+        if key not in cfg.model:
+            raise ValueError(f"sampling.{key}: the checkpoint's model ({cfg.model.get('_target_')}) has no {key}")
+        overrides[key] = value
     if (ckpt_dir / "tokenizer").is_dir() and "llm_backbone" in cfg.model:
         llm_cfg = OmegaConf.to_container(cfg.model.llm_backbone)
         overrides["llm_backbone"] = {**llm_cfg, "tokenizer": str(ckpt_dir / "tokenizer")}

@@ -166,6 +166,27 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
         load_policy(ckpt)
 
 
+def test_sampling_settings_are_overridden_at_load(tiny, tmp_path) -> None:
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=3)
+    kept = load_policy(ckpt, sampling={"cfg_scale": None, "ddim_steps": None}).metadata()
+    assert (kept["cfg_scale"], kept["ddim_steps"]) == (tiny.cfg_scale, tiny.ddim_steps) != (1.0, 4)
+    loaded = load_policy(ckpt, sampling={"cfg_scale": 1.0, "ddim_steps": 4})
+    assert (loaded.metadata()["cfg_scale"], loaded.metadata()["ddim_steps"]) == (1.0, 4)
+    tiny.eval()
+    saved = tiny.cfg_scale, tiny.ddim_steps
+    tiny.cfg_scale, tiny.ddim_steps = 1.0, 4
+    try:
+        batch = _batch(tiny)
+        a = tiny.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
+        b = loaded.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
+    finally:
+        tiny.cfg_scale, tiny.ddim_steps = saved
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"sampling\.temperature: .* has no temperature"):
+        load_policy(ckpt, sampling={"temperature": 0.5})
+
+
 def test_wrong_action_window_is_refused(tiny) -> None:
     batch = _batch(tiny)
     batch["action"] = batch["action"][:, :8]

@@ -121,6 +121,10 @@ def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> 
             ["--task-weights", "PickCube-v1=2"],
             "--task-weights ['PickCube-v1'] are not among the trained --tasks ['PushCube-v1']",
         ),
+        (
+            ["--task-demos", "PushCube-v1=50", "StackCube-v1=20"],
+            "--task-demos ['StackCube-v1'] are not among the trained --tasks ['PushCube-v1']",
+        ),
         (["--task-weights", "PushCube-v1"], "expected TASK=FLOAT, got 'PushCube-v1'"),
         (["--task-demos", "PushCube-v1=many"], "expected TASK=INT, got 'PushCube-v1=many'"),
     ],

@@ -548,6 +548,8 @@ def test_eval_entry_point_errors_are_clear(tmp_path: Path) -> None:
     assert unknown.returncode != 0 and "unknown ManiSkill env_id 'PushBall-v9'" in unknown.stderr
     missing = run(f"ckpt={tmp_path / 'nowhere'}")
     assert missing.returncode != 0 and "eval_maniskill.py: ckpt:" in missing.stderr
+    remote = run("server=127.0.0.1:1", "robot=maniskill_panda", "sampling.cfg_scale=1.0")
+    assert remote.returncode != 0 and "sampling.* applies to the ckpt= server only" in remote.stderr
 
 
 @pytest.mark.slow

@@ -249,4 +249,10 @@ class CogACT(Policy):
         return unnormalize(normalized, entry["action"])
 
     def metadata(self) -> dict:
-        return {**super().metadata(), "unnorm_key": self.unnorm_key, "state_dim": self.proprio_dim}
+        return {
+            **super().metadata(),
+            "unnorm_key": self.unnorm_key,
+            "state_dim": self.proprio_dim,
+            "cfg_scale": self.cfg_scale,
+            "ddim_steps": self.ddim_steps,
+        }
