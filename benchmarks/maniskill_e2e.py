@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.maniskill_e2e                        # the full recipe (see --help for sizes)
     .venv/bin/python -m benchmarks.maniskill_e2e --mini                 # a miniature of every stage (the slow test)
+    .venv/bin/python -m benchmarks.maniskill_e2e --tasks PickCube-v1 --ckpt <run>/checkpoints/step_003400 \
+        --eval-override sampling.cfg_scale=1.0                          # evaluate a checkpoint again, otherwise
 
 Stages: motion-planning demos (pd_joint_pos) per task -> replay to pd_ee_delta_pose with RGB -> one RLDS dataset per
 task, with its instruction -> statistics pooled under one unnorm_key -> train.py experiment=maniskill_e2e (the tasks
@@ -82,7 +84,7 @@ def record_demos(
     camera_size px by `envs` processes; returns the replayed .h5 path. Stages whose output holds `count` demos are
     skipped: a replay of another count is redone, a recording of fewer demos is recorded anew."""
     out = work / ("demos" if camera_size == DEFAULT_CAMERA_SIZE else f"demos_{camera_size}px") / task
-    source = work / "demos" / task / "motionplanning" / f"{task}.h5"
+    source = work / "demos" / task / "motionplanning" / f"{task}.h5"  # replayed_demos reads what this writes
     replayed = next(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
     if replayed is not None and recorded(replayed) != count:
         discard(replayed, count)
@@ -136,6 +138,19 @@ def record_demos(
             path.rename(out / path.name.replace(recording.stem, task, 1))
     (replayed,) = out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")
     return replayed
+
+
+def replayed_demos(task: str, work: Path, camera_size: int = DEFAULT_CAMERA_SIZE) -> Path:
+    """The task's replayed demonstrations already on disk (--ckpt sizes its episode budget by them), or a clear
+    error."""
+    out = work / ("demos" if camera_size == DEFAULT_CAMERA_SIZE else f"demos_{camera_size}px") / task
+    found = next(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
+    if found is None or not recorded(found):
+        raise SystemExit(
+            f"--ckpt: no replayed {task} demonstrations under {out} (their lengths set the episode budget): "
+            "run the recipe once without --ckpt"
+        )
+    return found
 
 
 def demo_counts(trajectory: Path) -> dict:
@@ -196,62 +211,20 @@ def task_value(kind: type) -> Callable[[str], tuple[str, int | float]]:
     return parse
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--demos", type=int, default=100, help="successful demonstrations per task")
-    parser.add_argument(
-        "--task-demos",
-        nargs="*",
-        default=[],
-        type=task_value(int),
-        metavar="TASK=N",
-        help="per-task demonstration counts over --demos",
-    )
-    parser.add_argument(
-        "--task-weights",
-        nargs="*",
-        default=[],
-        type=task_value(float),
-        metavar="TASK=W",
-        help="mixture weights over the config's (1 each)",
-    )
-    parser.add_argument(
-        "--camera-size", type=int, default=DEFAULT_CAMERA_SIZE, help="px of the demos' and evaluation's camera"
-    )
-    parser.add_argument("--replay-envs", type=int, default=os.cpu_count() or 1, help="processes replaying demos")
-    parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
-    parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
-    parser.add_argument(
-        "--execute-steps",
-        type=int,
-        default=2,
-        help="actions executed from each predicted chunk before the next query (PickCube-v1: 10/50 at 2, 5/50 at 4)",
-    )
-    parser.add_argument("--eval-episodes", type=int, default=50)
-    parser.add_argument("--eval-tasks", nargs="+", default=None, help="tasks to evaluate (default: every trained task)")
-    parser.add_argument("--work-dir", type=Path, default=REPO / "data" / "maniskill_e2e")
-    parser.add_argument("--mini", action="store_true", help="2 demos of one task, 4 steps, 1 short episode")
-    parser.add_argument("--train-override", nargs="*", default=[], help="extra train.py overrides")
-    args = parser.parse_args()
-    if args.mini:
-        args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
-    weights, demos = dict(args.task_weights), dict(args.task_demos)
-    for flag, named in (("--eval-tasks", args.eval_tasks or []), ("--task-weights", weights), ("--task-demos", demos)):
-        unknown = sorted(set(named) - set(args.tasks))  # after --mini has cut the tasks to one
-        if unknown:
-            parser.error(f"{flag} {unknown} are not among the trained --tasks {args.tasks}")
-    from models.checkpoint import git_revision
-
-    revision = git_revision()  # the code the run starts from, whatever is committed while it runs
-    work, stamp = args.work_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+def train_stages(
+    args: argparse.Namespace,
+    counts: dict[str, int],
+    weights: dict[str, float],
+    work: Path,
+    data: Path,
+    stamp: str,
+    env: dict[str, str],
+    wall: dict[str, float],
+) -> tuple[list[Path], str]:
+    """Demonstrations (`counts` per task) -> one RLDS dataset per task under `data` -> train.py; returns each task's
+    replayed demos and the final checkpoint dir. Each stage's wall time goes into `wall`."""
     logs = work / "logs" / stamp
-    data = work / ("data" if args.camera_size == DEFAULT_CAMERA_SIZE else f"data_{args.camera_size}px")
-    env = {**os.environ, "VLA_DATA_DIR": str(data), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    wall: dict[str, float] = {}
-
     started = time.perf_counter()
-    counts = {task: demos.get(task, args.demos) for task in args.tasks}
     envs = 1 if args.mini else args.replay_envs
     trajectories = [record_demos(task, counts[task], work, logs, envs, args.camera_size) for task in args.tasks]
     wall["demonstrations_s"] = time.perf_counter() - started
@@ -298,6 +271,76 @@ def main() -> None:
     )
     checkpoint = last_line_value(stdout, "checkpoint: ")
     wall["train_s"] = time.perf_counter() - started
+    return trajectories, checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--demos", type=int, default=100, help="successful demonstrations per task")
+    parser.add_argument(
+        "--task-demos",
+        nargs="*",
+        default=[],
+        type=task_value(int),
+        metavar="TASK=N",
+        help="per-task demonstration counts over --demos",
+    )
+    parser.add_argument(
+        "--task-weights",
+        nargs="*",
+        default=[],
+        type=task_value(float),
+        metavar="TASK=W",
+        help="mixture weights over the config's (1 each)",
+    )
+    parser.add_argument(
+        "--camera-size", type=int, default=DEFAULT_CAMERA_SIZE, help="px of the demos' and evaluation's camera"
+    )
+    parser.add_argument("--replay-envs", type=int, default=os.cpu_count() or 1, help="processes replaying demos")
+    parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
+    parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
+    parser.add_argument(
+        "--execute-steps",
+        type=int,
+        default=2,
+        help="actions executed from each predicted chunk before the next query (PickCube-v1: 10/50 at 2, 5/50 at 4)",
+    )
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--eval-tasks", nargs="+", default=None, help="tasks to evaluate (default: every trained task)")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "data" / "maniskill_e2e")
+    parser.add_argument("--mini", action="store_true", help="2 demos of one task, 4 steps, 1 short episode")
+    parser.add_argument("--train-override", nargs="*", default=[], help="extra train.py overrides")
+    parser.add_argument(
+        "--ckpt", type=Path, default=None, help="evaluate this checkpoint: no demos recorded, no dataset, no training"
+    )
+    parser.add_argument(
+        "--eval-override", nargs="*", default=[], help="extra eval_maniskill.py overrides (e.g. sampling.cfg_scale=1)"
+    )
+    args = parser.parse_args()
+    if args.ckpt is not None and not (args.ckpt / "config.yaml").is_file():
+        parser.error(f"--ckpt {args.ckpt} is not a checkpoint dir (it has no config.yaml)")
+    if args.mini:
+        args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
+    weights, demos = dict(args.task_weights), dict(args.task_demos)
+    for flag, named in (("--eval-tasks", args.eval_tasks or []), ("--task-weights", weights), ("--task-demos", demos)):
+        unknown = sorted(set(named) - set(args.tasks))  # after --mini has cut the tasks to one
+        if unknown:
+            parser.error(f"{flag} {unknown} are not among the trained --tasks {args.tasks}")
+    from models.checkpoint import git_revision
+
+    revision = git_revision()  # the code the run starts from, whatever is committed while it runs
+    work, stamp = args.work_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    logs = work / "logs" / stamp
+    data = work / ("data" if args.camera_size == DEFAULT_CAMERA_SIZE else f"data_{args.camera_size}px")
+    env = {**os.environ, "VLA_DATA_DIR": str(data), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    wall: dict[str, float] = {}
+
+    if args.ckpt is None:
+        counts = {task: demos.get(task, args.demos) for task in args.tasks}
+        trajectories, checkpoint = train_stages(args, counts, weights, work, data, stamp, env, wall)
+    else:
+        trajectories, checkpoint = [replayed_demos(task, work, args.camera_size) for task in args.tasks], str(args.ckpt)
 
     success: dict[str, dict] = {}
     for task, trajectory in zip(args.tasks, trajectories, strict=True):
@@ -317,6 +360,7 @@ def main() -> None:
                 f"workers={1 if args.mini else args.workers}",
                 f"execute_steps={args.execute_steps}",
                 f"hydra.run.dir={work / 'eval' / stamp / task}",
+                *args.eval_override,
             ],
             logs / f"eval_{task}.log",
             env,

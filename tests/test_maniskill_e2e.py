@@ -49,8 +49,25 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     # The auxiliary target: cube and goal region positions from the recorded env states (goal region on the table).
     assert len(entry["aux"]["q01"]) == 6 and entry["aux"]["max"][5] == entry["aux"]["min"][5]
 
-    # The diagnostics the README quotes (benchmarks/e2e_probe.py) run on the miniature's checkpoint and dataset.
+    # The checkpoint evaluated again, with a sampling setting of its own: no stage but the evaluation runs.
     (checkpoint,) = (tmp_path / "runs").glob("*/checkpoints/step_*")
+    again = ["--ckpt", str(checkpoint), "--eval-override", "sampling.cfg_scale=1.0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.maniskill_e2e", *recipe, *again],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "runs").iterdir())) == 1, "no second training run"
+    evaluations = sorted((tmp_path / "eval").glob("*/PushCube-v1/results.json"))
+    assert len(evaluations) == 2 and json.loads(evaluations[-1].read_text())["config"]["ckpt"] == str(checkpoint)
+    metadata = [json.loads(path.read_text())["config"]["server_metadata"] for path in evaluations]
+    assert [m["cfg_scale"] for m in metadata] == [1.5, 1.0], "the override reached the served model"
+
+    # The diagnostics the README quotes (benchmarks/e2e_probe.py) run on the miniature's checkpoint and dataset.
     probe_args = ["--rlds", str(tmp_path / "data_96px" / "rlds"), "--seeds", "100000", "--max-steps", "8"]
     probe = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e_probe", str(checkpoint), *probe_args, "--val-batches", "1"],
@@ -68,6 +85,19 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     mean = probe.stdout.split("mean")[1].splitlines()[0]
     errors = [float(v) for v in mean.strip(" []").split(",")]
     assert frames > 0 and len(errors) == 6 and all(e >= 0 for e in errors)
+
+
+def test_evaluating_a_checkpoint_needs_the_task_demos_for_its_budget(monkeypatch, capsys, tmp_path: Path) -> None:
+    from benchmarks import maniskill_e2e
+
+    checkpoint, work = tmp_path / "step_000010", tmp_path / "work"
+    checkpoint.mkdir()
+    (checkpoint / "config.yaml").write_text("model: {}\n")
+    argv = ["maniskill_e2e", "--tasks", "PickCube-v1", "--ckpt", str(checkpoint), "--work-dir", str(work)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=r"--ckpt: no replayed PickCube-v1 demonstrations under .*work/demos/PickCube"):
+        maniskill_e2e.main()
+    assert not work.exists(), "nothing recorded, built or trained for an evaluation"
 
 
 def test_demo_stages_are_redone_when_their_output_holds_another_count(tmp_path: Path) -> None:
@@ -125,6 +155,7 @@ def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> 
             ["--task-demos", "PushCube-v1=50", "StackCube-v1=20"],
             "--task-demos ['StackCube-v1'] are not among the trained --tasks ['PushCube-v1']",
         ),
+        (["--ckpt", "/nonexistent/step_000010"], "--ckpt /nonexistent/step_000010 is not a checkpoint dir"),
         (["--task-weights", "PushCube-v1"], "expected TASK=FLOAT, got 'PushCube-v1'"),
         (["--task-demos", "PushCube-v1=many"], "expected TASK=INT, got 'PushCube-v1=many'"),
     ],
