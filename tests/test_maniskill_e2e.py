@@ -17,20 +17,20 @@ from sim.maniskill import STATE_DIM
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _run_module(module: str, *args: str) -> str:
+    """`python -m module args...` from the repo root; its stdout, or the test fails with its stderr's tail."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", module, *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.mark.slow
 def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "disabled"}
     # A camera size of its own: replayed from a copy of the recording whose env kwargs set the cameras' size.
     recipe = ["--mini", "--camera-size", "96", "--work-dir", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.maniskill_e2e", *recipe],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_module("benchmarks.maniskill_e2e", *recipe)
     (dataset,) = (tmp_path / "data_96px" / "rlds" / "maniskill_e2e_pushcube").iterdir()
     info = json.loads((dataset / "dataset_info.json").read_text())
     assert int(info["splits"][0]["shardLengths"][0]) == 2  # two demonstrations became two RLDS episodes
@@ -51,16 +51,9 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
 
     # The checkpoint evaluated again, with a sampling setting of its own: no stage but the evaluation runs.
     (checkpoint,) = (tmp_path / "runs").glob("*/checkpoints/step_*")
-    again = ["--ckpt", str(checkpoint), "--eval-override", "sampling.cfg_scale=1.0"]
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.maniskill_e2e", *recipe, *again],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _run_module(
+        "benchmarks.maniskill_e2e", *recipe, "--ckpt", str(checkpoint), "--eval-override", "sampling.cfg_scale=1"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((tmp_path / "runs").iterdir())) == 1, "no second training run"
     evaluations = sorted((tmp_path / "eval").glob("*/PushCube-v1/results.json"))
     assert len(evaluations) == 2 and json.loads(evaluations[-1].read_text())["config"]["ckpt"] == str(checkpoint)
@@ -69,25 +62,17 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
 
     # The diagnostics the README quotes (benchmarks/e2e_probe.py) run on the miniature's checkpoint and dataset.
     probe_args = ["--rlds", str(tmp_path / "data_96px" / "rlds"), "--seeds", "100000", "--max-steps", "8"]
-    probe = subprocess.run(
-        [sys.executable, "-m", "benchmarks.e2e_probe", str(checkpoint), *probe_args, "--val-batches", "1"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    assert "PickCube-v1 seed 100000: " in probe.stdout and "; grasped: " in probe.stdout
-    response = probe.stdout.split("for a 5 cm goal shift: ")[1].splitlines()[0]
+    probe = _run_module("benchmarks.e2e_probe", str(checkpoint), *probe_args, "--val-batches", "1")
+    assert "PickCube-v1 seed 100000: " in probe and "; grasped: " in probe
+    response = probe.split("for a 5 cm goal shift: ")[1].splitlines()[0]
     assert [part.split(":")[0] for part in response.split("; ")] == ["goal +x", "goal +y", "goal +z"], response
-    frames = int(probe.stdout.split("object-position head on ")[1].split()[0])
-    mean = probe.stdout.split("mean")[1].splitlines()[0]
+    frames = int(probe.split("object-position head on ")[1].split()[0])
+    mean = probe.split("mean")[1].splitlines()[0]
     errors = [float(v) for v in mean.strip(" []").split(",")]
     assert frames > 0 and len(errors) == 6 and all(e >= 0 for e in errors)
 
 
-def test_evaluating_a_checkpoint_needs_the_task_demos_for_its_budget(monkeypatch, capsys, tmp_path: Path) -> None:
+def test_evaluating_a_checkpoint_needs_the_task_demos_for_its_budget(monkeypatch, tmp_path: Path) -> None:
     from benchmarks import maniskill_e2e
 
     checkpoint, work = tmp_path / "step_000010", tmp_path / "work"
