@@ -315,6 +315,12 @@ def main() -> None:
         "20261201-143758: 10/50 at 2, 5/50 at 4)",
     )
     parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument(
+        "--eval-seed",
+        type=int,
+        default=EVAL_SEED_OFFSET,
+        help="first evaluation seed (episode i resets with it + i); another range confirms a setting chosen on these",
+    )
     parser.add_argument("--eval-tasks", nargs="+", default=None, help="tasks to evaluate (default: every trained task)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "data" / "maniskill_e2e")
     parser.add_argument("--mini", action="store_true", help="2 demos of one task, 4 steps, 1 short episode")
@@ -326,6 +332,8 @@ def main() -> None:
         "--eval-override", nargs="*", default=[], help="extra eval_maniskill.py overrides (e.g. sampling.cfg_scale=1)"
     )
     args = parser.parse_args()
+    if args.eval_seed < EVAL_SEED_OFFSET:
+        parser.error(f"--eval-seed {args.eval_seed}: seeds below {EVAL_SEED_OFFSET} may be demonstrations' seeds")
     if args.ckpt is not None and not (args.ckpt / "config.yaml").is_file():
         parser.error(f"--ckpt {args.ckpt} is not a checkpoint dir (it has no config.yaml)")
     if args.mini:
@@ -363,7 +371,7 @@ def main() -> None:
                 f"ckpt={checkpoint}",
                 f"env_id={task}",
                 f"num_episodes={args.eval_episodes}",
-                f"seed={EVAL_SEED_OFFSET}",
+                f"seed={args.eval_seed}",
                 f"max_steps={budget}",
                 f"workers={1 if args.mini else args.workers}",
                 f"execute_steps={args.execute_steps}",

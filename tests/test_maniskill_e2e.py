@@ -141,6 +141,7 @@ def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> 
             "--task-demos ['StackCube-v1'] are not among the trained --tasks ['PushCube-v1']",
         ),
         (["--ckpt", "/nonexistent/step_000010"], "--ckpt /nonexistent/step_000010 is not a checkpoint dir"),
+        (["--eval-seed", "40"], "--eval-seed 40: seeds below 100000 may be demonstrations' seeds"),
         (["--task-weights", "PushCube-v1"], "expected TASK=FLOAT, got 'PushCube-v1'"),
         (["--task-demos", "PushCube-v1=many"], "expected TASK=INT, got 'PushCube-v1=many'"),
     ],
