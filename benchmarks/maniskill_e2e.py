@@ -62,6 +62,16 @@ def with_camera_size(source: Path, camera_size: int) -> Path:
     return variant
 
 
+def sized(work: Path, name: str, camera_size: int) -> Path:
+    """work/<name>, or work/<name>_<N>px for demos rendered at another camera size than ManiSkill's default."""
+    return work / (name if camera_size == DEFAULT_CAMERA_SIZE else f"{name}_{camera_size}px")
+
+
+def replayed_file(task: str, work: Path, camera_size: int) -> Path | None:
+    """The task's replayed pd_ee_delta_pose RGB demonstrations (.h5) on disk, or None."""
+    return next((sized(work, "demos", camera_size) / task).glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
+
+
 def recorded(trajectory: Path) -> int:
     """Demos a trajectory holds by its .json; 0 when that is missing or cut short (an interrupted stage)."""
     try:
@@ -83,14 +93,14 @@ def record_demos(
     """`count` motion-planning demos (pd_joint_pos), replayed into pd_ee_delta_pose with RGB observations of
     camera_size px by `envs` processes; returns the replayed .h5 path. Stages whose output holds `count` demos are
     skipped: a replay of another count is redone, a recording of fewer demos is recorded anew."""
-    out = work / ("demos" if camera_size == DEFAULT_CAMERA_SIZE else f"demos_{camera_size}px") / task
-    source = work / "demos" / task / "motionplanning" / f"{task}.h5"  # replayed_demos reads what this writes
-    replayed = next(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
+    out = sized(work, "demos", camera_size) / task
+    source = work / "demos" / task / "motionplanning" / f"{task}.h5"
+    replayed = replayed_file(task, work, camera_size)
     if replayed is not None and recorded(replayed) != count:
         discard(replayed, count)
     if source.is_file() and recorded(source) < count:
         discard(source, count)
-    if not list(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")):
+    if replayed_file(task, work, camera_size) is None:
         if not source.is_file():
             run(
                 [
@@ -136,19 +146,18 @@ def record_demos(
         for path in source.parent.glob(f"{recording.stem}.rgb.pd_ee_delta_pose.*"):  # named after the recording
             out.mkdir(parents=True, exist_ok=True)
             path.rename(out / path.name.replace(recording.stem, task, 1))
-    (replayed,) = out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")
+    (replayed,) = out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5")  # exactly one
     return replayed
 
 
 def replayed_demos(task: str, work: Path, camera_size: int = DEFAULT_CAMERA_SIZE) -> Path:
     """The task's replayed demonstrations already on disk (--ckpt sizes its episode budget by them), or a clear
     error."""
-    out = work / ("demos" if camera_size == DEFAULT_CAMERA_SIZE else f"demos_{camera_size}px") / task
-    found = next(out.glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
+    found = replayed_file(task, work, camera_size)
     if found is None or not recorded(found):
         raise SystemExit(
-            f"--ckpt: no replayed {task} demonstrations under {out} (their lengths set the episode budget): "
-            "run the recipe once without --ckpt"
+            f"--ckpt: no replayed {task} demonstrations under {sized(work, 'demos', camera_size) / task} (their "
+            "lengths set the episode budget): run the recipe once without --ckpt"
         )
     return found
 
@@ -217,13 +226,14 @@ def train_stages(
     weights: dict[str, float],
     work: Path,
     data: Path,
+    logs: Path,
     stamp: str,
     env: dict[str, str],
     wall: dict[str, float],
 ) -> tuple[list[Path], str]:
-    """Demonstrations (`counts` per task) -> one RLDS dataset per task under `data` -> train.py; returns each task's
-    replayed demos and the final checkpoint dir. Each stage's wall time goes into `wall`."""
-    logs = work / "logs" / stamp
+    """Demonstrations (`counts` per task) -> one RLDS dataset per task under `data` -> train.py (its run dir
+    work/runs/<stamp>, stage logs in `logs`); returns each task's replayed demos and the final checkpoint dir. Each
+    stage's wall time goes into `wall`."""
     started = time.perf_counter()
     envs = 1 if args.mini else args.replay_envs
     trajectories = [record_demos(task, counts[task], work, logs, envs, args.camera_size) for task in args.tasks]
@@ -348,13 +358,13 @@ def main() -> None:
     revision = git_revision()  # the code the run starts from, whatever is committed while it runs
     work, stamp = args.work_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     logs = work / "logs" / stamp
-    data = work / ("data" if args.camera_size == DEFAULT_CAMERA_SIZE else f"data_{args.camera_size}px")
+    data = sized(work, "data", args.camera_size)
     env = {**os.environ, "VLA_DATA_DIR": str(data), "TF_CPP_MIN_LOG_LEVEL": "2"}
     wall: dict[str, float] = {}
 
     if args.ckpt is None:
         counts = {task: demos.get(task, args.demos) for task in args.tasks}
-        trajectories, checkpoint = train_stages(args, counts, weights, work, data, stamp, env, wall)
+        trajectories, checkpoint = train_stages(args, counts, weights, work, data, logs, stamp, env, wall)
     else:
         trajectories, checkpoint = [replayed_demos(task, work, args.camera_size) for task in args.tasks], str(args.ckpt)
 
