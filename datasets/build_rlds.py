@@ -9,6 +9,11 @@
     python -m datasets.build_rlds maniskill --source demos/PickCube-v1/trajectory.rgb.pd_ee_delta_pose.h5 \
         --out data/rlds --name maniskill_pickcube
 
+    # a LeRobot dataset (v2.0, v2.1 or v3.0 layout): a local dir or a Hub dataset id (HF_TOKEN for gated ones)
+    # (openpi's LIBERO conversion here: its actions keep LIBERO's gripper, so train with libero_gripper)
+    python -m datasets.build_rlds lerobot --source physical-intelligence/libero --out data/rlds --name libero_lerobot \
+        --image-key image --wrist-image-key wrist_image --state-key state --action-key actions
+
 ManiSkill actions are written as recorded (gripper -1 close / +1 open): train on them with
 `action_transform: gripper_signed_to_unit`. States are sim.maniskill.panda_state (tcp xyz, tcp rotation from the
 rest pose as euler xyz, finger qpos x2, goal xyz, goal - tcp xyz: 14 dims); observation/object_pos holds the task
@@ -160,13 +165,14 @@ def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("format", choices=["episodes", "maniskill"])
+    parser.add_argument("format", choices=["episodes", "maniskill", "lerobot"])
     parser.add_argument(
         "--source",
         type=Path,
         action="append",
         required=True,
-        help="episode folder; or a ManiSkill .h5 trajectory (repeat --source to merge several tasks into one dataset)",
+        help="episode folder; a ManiSkill .h5 trajectory (repeat --source to merge several tasks into one dataset); "
+        "or a LeRobot dataset dir or Hub dataset id",
     )
     parser.add_argument("--out", type=Path, required=True, help="root dir; the dataset goes to <out>/<name>/<version>")
     parser.add_argument("--name", required=True)
@@ -175,7 +181,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--wrist-image-size", type=int, default=256)
     parser.add_argument("--camera", default="base_camera", help="ManiSkill camera written as observation/image")
-    parser.add_argument("--instruction", default=None, help="ManiSkill: language instruction (default: per task)")
+    parser.add_argument(
+        "--instruction", default=None, help="ManiSkill, LeRobot: language instruction (default: the episode's task)"
+    )
+    parser.add_argument("--image-key", default=None, help="LeRobot: camera feature (default: the first camera)")
+    parser.add_argument("--wrist-image-key", default=None, help="LeRobot: wrist camera feature (default: none)")
+    parser.add_argument("--state-key", default="observation.state", help="LeRobot: state feature")
+    parser.add_argument("--action-key", default="action", help="LeRobot: action feature")
     parser.add_argument("--split-first-names", action="store_true", help="name shards train-00000-of-0000N.tfrecord")
     args = parser.parse_args(argv)
     if args.format == "episodes":
@@ -183,6 +195,15 @@ def main(argv: list[str] | None = None) -> Path:
             parser.error("episodes: give exactly one --source folder")
         files = episode_files(args.source[0])
         path = build((read_episode_file(f) for f in files), len(files), args)
+    elif args.format == "lerobot":
+        if len(args.source) != 1:
+            parser.error("lerobot: give exactly one --source dataset")
+        from datasets.hub import local_or_hub
+        from datasets.lerobot import LeRobotDataset, LeRobotKeys
+
+        dataset = LeRobotDataset(local_or_hub(str(args.source[0]), repo_type="dataset", what="LeRobot dataset"))
+        keys = LeRobotKeys(args.image_key, args.wrist_image_key, args.state_key, args.action_key)
+        path = build(dataset.episode_iter(keys, args.instruction), len(dataset.episodes), args)
     else:
         episodes = (e for source in args.source for e in maniskill_episodes(source, args.camera, args.instruction))
         path = build(episodes, None, args)

@@ -6,31 +6,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from datasets.hub import local_or_hub
 
 MODULE_KEYS = ("vision_backbone", "projector", "llm_backbone", "action_model")
 
 
 def resolve_run_dir(pretrained: str) -> Path:
     """A local run dir as is; otherwise a Hub repo id downloaded into the HF cache."""
-    path = Path(pretrained).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(pretrained, token=os.environ.get("HF_TOKEN")))
-    except GatedRepoError as e:
-        raise PermissionError(
-            f"{pretrained} is gated: request access on the Hub and export HF_TOKEN=<your token>"
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{pretrained!r} is neither a local run dir nor a Hub repo you can read") from e
+    return local_or_hub(pretrained, repo_type="model", what="run dir")
 
 
 def find_checkpoint_file(run_dir: Path) -> Path:
