@@ -6,6 +6,7 @@ Module and parameter names follow the official checkpoint (`action_model.net.*`)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from timm.models.vision_transformer import Attention, Mlp
@@ -185,32 +186,40 @@ class ActionModel(nn.Module):
         predicted = self.net(self.diffusion.q_sample(actions, t, noise), t, condition, state)
         return ((predicted.float() - noise.float()) ** 2).mean()
 
+    def initial_noise(self, condition: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal [B, T, A] in the head's dtype: where sampling starts."""
+        shape = (condition.shape[0], self.horizon, self.action_dim)
+        noise = torch.randn(*shape, generator=generator, device=condition.device)
+        return noise.to(self.net.x_embedder.linear.weight.dtype)
+
+    def guided(
+        self, condition: torch.Tensor, cfg_scale: float, state: torch.Tensor | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The head as a function of (x, t); with cfg_scale > 1, classifier-free guidance u + s (c - u) against the
+        learned `uncondition` token."""
+        dtype = self.net.x_embedder.linear.weight.dtype
+        condition = condition.to(dtype)
+        if cfg_scale <= 1.0:
+            return lambda x, t: self.net(x, t, condition, state)
+        uncondition = self.net.z_embedder.uncondition.expand(condition.shape[0], 1, -1).to(dtype)
+        z = torch.cat([condition, uncondition])
+        states = None if state is None else torch.cat([state, state])
+
+        def guided_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            conditioned, unconditioned = self.net(torch.cat([x, x]), torch.cat([t, t]), z, states).chunk(2)
+            return unconditioned + cfg_scale * (conditioned - unconditioned)
+
+        return guided_model
+
     @torch.no_grad()
     def sample(
         self,
         condition: torch.Tensor,
         cfg_scale: float,
-        ddim_steps: int,
+        steps: int,
         generator: torch.Generator | None = None,
         state: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Normalized action chunks [B, T, A] by DDIM; with cfg_scale > 1, eps = u + s (c - u) against `uncondition`."""
-        batch = condition.shape[0]
-        dtype = self.net.x_embedder.linear.weight.dtype
-        noise = torch.randn(batch, self.horizon, self.action_dim, generator=generator, device=condition.device)
-        noise = noise.to(dtype)
-        condition = condition.to(dtype)
-        if cfg_scale > 1.0:
-            uncondition = self.net.z_embedder.uncondition.expand(batch, 1, -1).to(dtype)
-            z = torch.cat([condition, uncondition])
-            states = None if state is None else torch.cat([state, state])
-
-            def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                cond_eps, uncond_eps = self.net(torch.cat([x, x]), torch.cat([t, t]), z, states).chunk(2)
-                return uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        else:
-
-            def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.net(x, t, condition, state)
-
-        return self.diffusion.ddim_sample(eps_model, noise, ddim_steps)
+        """Normalized action chunks [B, T, A] by DDIM in `steps` steps, the noise predictions guided (see guided)."""
+        noise = self.initial_noise(condition, generator)
+        return self.diffusion.ddim_sample(self.guided(condition, cfg_scale, state), noise, steps)

@@ -38,6 +38,9 @@ class CogACT(Policy):
     Training and inference both use the model's own estimate; the recorded positions are never an input.
     """
 
+    # The action head's class: another objective over the same DiT (models/flow.py) swaps only this.
+    head_class: type[ActionModel] = ActionModel
+
     def __init__(
         self,
         vision_backbone: dict,
@@ -74,7 +77,7 @@ class CogACT(Policy):
             raise ValueError(f"model.proprio_input must be 'add' or 'token', got {proprio_input!r}")
         self.proprio_dim = proprio_dim
         self.state_token = bool(proprio_dim) and proprio_input == "token"
-        self.action_model = ActionModel(
+        self.action_model = self.head_class(
             condition_size=self.llm_backbone.hidden_size,
             action_dim=action_dim,
             future_action_window_size=future_action_window_size,
@@ -113,6 +116,11 @@ class CogACT(Policy):
             from models.cogact.official import load_official_weights
 
             load_official_weights(self, pretrained)
+
+    @property
+    def sampling_steps(self) -> int:
+        """Steps of the head's sampler at inference (CogACT: DDIM steps)."""
+        return self.ddim_steps
 
     @property
     def device(self) -> torch.device:
@@ -231,7 +239,7 @@ class CogACT(Policy):
         cognition = self.cognition_features(images.to(self.device), prompts)
         condition, token, _ = self.head_inputs(cognition, states)
         head = self.ema_diffusion if self.ema_diffusion is not None else self.action_model
-        return head.sample(condition, self.cfg_scale, self.ddim_steps, generator=generator, state=token)
+        return head.sample(condition, self.cfg_scale, self.sampling_steps, generator=generator, state=token)
 
     @torch.no_grad()
     def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
