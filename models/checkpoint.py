@@ -124,7 +124,7 @@ def load_policy(
     meta = json.loads((ckpt_dir / "meta.json").read_text()) if (ckpt_dir / "meta.json").is_file() else {}
     trainable_only = meta.get("weights") == "trainable_only"
     # A full checkpoint holds every weight: never fetch base weights again. A LoRA one rebuilds its base first.
-    overrides: dict = {} if trainable_only else {"pretrained": None}
+    overrides: dict = {"pretrained": None} if "pretrained" in cfg.model and not trainable_only else {}
     for key, value in (sampling or {}).items():
         if value is None:
             continue

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from datasets.statistics import normalize, select_statistics, unnormalize
+
 
 @dataclass
 class Observation:
@@ -33,8 +35,9 @@ class Observation:
 class Policy(nn.Module):
     """Base class of every trainable policy.
 
-    Subclasses implement `compute_loss` (training, normalized batch) and `predict_action_batch` (inference,
-    un-normalized chunks). `predict_action` and `reset` come for free.
+    Subclasses implement `compute_loss` (training, normalized batch) and `predict_normalized` (inference, normalized
+    chunks), and have a `device`. The statistics, un-normalized `predict_action_batch` / `predict_action`, `reset` and
+    `metadata` come for free; a policy that acts otherwise overrides `predict_action_batch`.
     """
 
     action_dim: int
@@ -48,6 +51,25 @@ class Policy(nn.Module):
     image_roi: tuple[float, float, float, float] | None = None
     # px of the camera images it trained on (robot.camera_size, which train.py records), or None when unknown.
     camera_size: int | None = None
+    # Size of the normalized proprio state it reads (batch["state"], Observation.state), or None for none.
+    proprio_dim: int | None = None
+    # dataset_statistics.json content and the key of its entry that (un-)normalizes: set_statistics.
+    statistics: dict | None = None
+    unnorm_key: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def set_statistics(self, statistics: dict, unnorm_key: str | None = None) -> None:
+        """Statistics (dataset_statistics.json) used to un-normalize predictions; unnorm_key picks the dataset."""
+        self.unnorm_key, entry = select_statistics(statistics, unnorm_key)
+        if len(entry["action"]["q01"]) != self.action_dim:
+            raise ValueError(
+                f"statistics {self.unnorm_key!r} describe {len(entry['action']['q01'])}-dim actions, "
+                f"the model predicts {self.action_dim}"
+            )
+        self.statistics = statistics
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch: "image" uint8 [B, H, W, 3], "prompt" list[str], "action" float [B, T, A] normalized,
@@ -59,9 +81,31 @@ class Policy(nn.Module):
         return self.compute_loss(batch)
 
     @torch.no_grad()
+    def predict_normalized(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        states: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """images uint8 [B, S, S, 3]; states normalized proprio [B, S] or None. Returns normalized chunks [B, T, A]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
     def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
         """Returns un-normalized float32 action chunks [B, T, A]."""
-        raise NotImplementedError
+        if self.statistics is None:
+            raise RuntimeError("no dataset statistics set: load the model with models.load_policy(ckpt_dir)")
+        _, entry = select_statistics(self.statistics, self.unnorm_key)
+        images = torch.from_numpy(np.stack([o.image for o in observations]))
+        states = None
+        if self.proprio_dim and all(o.state is not None for o in observations):
+            if "proprio" not in entry:
+                raise RuntimeError(f"statistics {self.unnorm_key!r} have no proprio entry to normalize states with")
+            states = torch.from_numpy(normalize(np.stack([o.state for o in observations]), entry["proprio"]))
+        prompts = [o.prompt for o in observations]
+        normalized = self.predict_normalized(images, prompts, states).float().cpu().numpy()
+        return unnormalize(normalized, entry["action"])
 
     def predict_action(self, observation: Observation) -> np.ndarray:
         """Returns one un-normalized float32 action chunk [T, A]."""
@@ -83,4 +127,6 @@ class Policy(nn.Module):
             "center_crop": self.center_crop,
             "image_roi": None if self.image_roi is None else list(self.image_roi),
             "camera_size": self.camera_size,
+            "unnorm_key": self.unnorm_key,
+            "state_dim": self.proprio_dim,
         }

@@ -109,9 +109,10 @@ class PolicyServer:
         self.policy = policy
         self.observation_keys = dict(observation_keys)
         self.api_key = api_key
+        policy_metadata = policy.metadata()
         self.metadata = {
-            "unnorm_key": unnorm_key,
-            **policy.metadata(),
+            **policy_metadata,
+            "unnorm_key": policy_metadata.get("unnorm_key") or unnorm_key,
             "observation_keys": {name: key for name, key in self.observation_keys.items() if key},
             "required_observation_keys": [self.observation_keys[name] for name in REQUIRED],
             "image_size": policy.image_size,

@@ -23,9 +23,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "family"), [("cogact_tiny", "CogACT"), ("flow_tiny", "FlowVLA")])
+@pytest.mark.parametrize(
+    ("model", "family"), [("cogact_tiny", "CogACT"), ("flow_tiny", "FlowVLA"), ("token_vla_tiny", "TokenVLA")]
+)
 def test_train_serve_and_evaluate_one_episode(tmp_path: Path, model: str, family: str) -> None:
-    """CogACT, and the flow-matching policy that plugs in with one module and one YAML, through the same scripts."""
+    """CogACT, and the flow-matching and token policies that plug in with one module and one YAML each, through the
+    same scripts."""
     from serving import wait_for_server
 
     env = {**os.environ, "VLA_DATA_DIR": str(tmp_path / "data"), "TF_CPP_MIN_LOG_LEVEL": "2", "WANDB_MODE": "disabled"}

@@ -55,15 +55,20 @@ class LlamaBackbone(nn.Module):
         ids = cognition_token_ids if cognition_token_ids is not None else [self.tokenizer.eos_token_id]
         self.cognition_token_ids = [int(i) for i in ids]
 
-    def tokenize(self, instructions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """BOS + prompt + cognition tokens, right-padded. Returns input_ids, attention_mask [B, L]."""
+    def tokenize(
+        self, instructions: list[str], device: torch.device, suffixes: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BOS + prompt + cognition tokens (+ each row's suffix ids), right-padded. Returns input_ids,
+        attention_mask [B, L]."""
+        suffixes = suffixes or [[] for _ in instructions]
         rows = [
             [
                 self.tokenizer.bos_token_id,
                 *self.tokenizer(PROMPT.format(text.lower()), add_special_tokens=False).input_ids,
                 *self.cognition_token_ids,
+                *suffix,
             ]
-            for text in instructions
+            for text, suffix in zip(instructions, suffixes, strict=True)
         ]
         length = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
@@ -73,6 +78,21 @@ class LlamaBackbone(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
+
+    def with_image(
+        self, patches: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prismatic's layout: BOS, the projected image patches [B, N, D], the rest of the text. Returns the input
+        embeddings [B, N + L, D] and attention mask; text position i is at N + i from position 1 on."""
+        text = self.embed(input_ids).to(patches.dtype)
+        embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
+        patch_mask = torch.ones(patches.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
+        return embeds, torch.cat([text_mask[:, :1], patch_mask, text_mask[:, 1:]], dim=1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The causal LM's vocabulary logits [B, L, V] from last-layer hidden states [B, L, D]."""
+        causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+        return causal_lm.lm_head(hidden)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm, as hidden_states[-1] of the causal LM) [B, L, D]."""

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
-from datasets.statistics import normalize, select_statistics, unnormalize
 from models.cogact.action_model import ActionModel
 from models.cogact.llm import LlamaBackbone
 from models.cogact.vision import DinoSigLIPBackbone, FusedMLPProjector
-from models.policy import Observation, Policy
+from models.policy import Policy
 
 
 class CogACT(Policy):
@@ -110,8 +108,6 @@ class CogACT(Policy):
         if gradient_checkpointing:
             self.vision_backbone.set_grad_checkpointing(True)
             self.llm_backbone.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.statistics: dict | None = None
-        self.unnorm_key: str | None = None
         if pretrained:
             from models.cogact.official import load_official_weights
 
@@ -126,28 +122,13 @@ class CogACT(Policy):
     def device(self) -> torch.device:
         return self.action_model.net.positional_embedding.device
 
-    def set_statistics(self, statistics: dict, unnorm_key: str | None = None) -> None:
-        """Statistics (dataset_statistics.json) used to un-normalize predictions; unnorm_key picks the dataset."""
-        self.unnorm_key, entry = select_statistics(statistics, unnorm_key)
-        if len(entry["action"]["q01"]) != self.action_dim:
-            raise ValueError(
-                f"statistics {self.unnorm_key!r} describe {len(entry['action']['q01'])}-dim actions, "
-                f"the model predicts {self.action_dim}"
-            )
-        self.statistics = statistics
-
     def cognition_features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """images uint8 [B, S, S, 3], prompts -> the last-layer hidden state at the cognition token [B, 1, D]."""
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"images are {tuple(images.shape[1:3])}, the model expects {self.image_size} px square")
         patches = self.projector(self.vision_backbone(images))  # [B, N, D]
         input_ids, text_mask = self.llm_backbone.tokenize(prompts, images.device)
-        text = self.llm_backbone.embed(input_ids).to(patches.dtype)
-        # Prismatic layout: BOS, image patches, the rest of the prompt.
-        embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
-        patch_mask = torch.ones(patches.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
-        mask = torch.cat([text_mask[:, :1], patch_mask, text_mask[:, 1:]], dim=1)
-        hidden = self.llm_backbone(embeds, mask)
+        hidden = self.llm_backbone(*self.llm_backbone.with_image(patches, input_ids, text_mask))
         last = patches.shape[1] + text_mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
 
@@ -241,26 +222,9 @@ class CogACT(Policy):
         head = self.ema_diffusion if self.ema_diffusion is not None else self.action_model
         return head.sample(condition, self.cfg_scale, self.sampling_steps, generator=generator, state=token)
 
-    @torch.no_grad()
-    def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:
-        if self.statistics is None:
-            raise RuntimeError("no dataset statistics set: load the model with models.load_policy(ckpt_dir)")
-        _, entry = select_statistics(self.statistics, self.unnorm_key)
-        images = torch.from_numpy(np.stack([o.image for o in observations]))
-        states = None
-        if self.proprio_dim and all(o.state is not None for o in observations):
-            if "proprio" not in entry:
-                raise RuntimeError(f"statistics {self.unnorm_key!r} have no proprio entry to normalize states with")
-            states = torch.from_numpy(normalize(np.stack([o.state for o in observations]), entry["proprio"]))
-        prompts = [o.prompt for o in observations]
-        normalized = self.predict_normalized(images, prompts, states).float().cpu().numpy()
-        return unnormalize(normalized, entry["action"])
-
     def metadata(self) -> dict:
         return {
             **super().metadata(),
-            "unnorm_key": self.unnorm_key,
-            "state_dim": self.proprio_dim,
             "cfg_scale": self.cfg_scale,
             "ddim_steps": self.ddim_steps,
         }
