@@ -79,10 +79,12 @@ def main(cfg: DictConfig) -> float:
         image_size = camera_resolution(cfg.image_size, robot, metadata)
         if not image_size:
             raise SystemExit("eval_maniskill.py: the server's metadata has no image_size; pass image_size=<pixels>")
-        if not cfg.ensemble.enabled and cfg.execute_steps > metadata.get("action_horizon", cfg.execute_steps):
+        # null: 4 actions of each chunk, or the whole chunk of a policy that predicts fewer (OpenVLA-style: one)
+        horizon = metadata.get("action_horizon")
+        execute_steps = cfg.execute_steps if cfg.execute_steps is not None else min(4, horizon or 4)
+        if not cfg.ensemble.enabled and horizon is not None and execute_steps > horizon:
             raise SystemExit(
-                f"eval_maniskill.py: execute_steps={cfg.execute_steps} exceeds the policy's action_horizon "
-                f"{metadata['action_horizon']}"
+                f"eval_maniskill.py: execute_steps={execute_steps} exceeds the policy's action_horizon {horizon}"
             )
         envs = make_vector_env(cfg.env_id, control_mode, image_size, camera, cfg.max_steps, cfg.workers)
         stack.callback(envs.close)
@@ -90,7 +92,7 @@ def main(cfg: DictConfig) -> float:
             num_episodes=cfg.num_episodes,
             seed=cfg.seed,
             max_steps=cfg.max_steps,
-            execute_steps=cfg.execute_steps,
+            execute_steps=execute_steps,
             prompt=prompt,
             ensemble_horizon=cfg.ensemble.horizon if cfg.ensemble.enabled else None,
             ensemble_alpha=cfg.ensemble.alpha,
@@ -108,7 +110,7 @@ def main(cfg: DictConfig) -> float:
             "camera": camera,
             "image_size": image_size,
             "max_steps": cfg.max_steps,
-            "execute_steps": 1 if cfg.ensemble.enabled else cfg.execute_steps,
+            "execute_steps": 1 if cfg.ensemble.enabled else execute_steps,
             "ensemble": OmegaConf.to_container(cfg.ensemble),
             "num_episodes": cfg.num_episodes,
             "seed": cfg.seed,

@@ -72,9 +72,9 @@ def _frames_table(episodes: list[int], first_index: int) -> pa.Table:
     )
 
 
-def _info(version: str, data_path: str, video_path: str, codec: str) -> dict:
+def _write_info(root: Path, version: str, data_path: str, video_path: str, codec: str) -> None:
     camera = {"shape": [SIZE, SIZE, 3], "names": ["height", "width", "channels"]}
-    return {
+    info = {
         "codebase_version": version,
         "robot_type": "panda",
         "fps": FPS,
@@ -95,18 +95,19 @@ def _info(version: str, data_path: str, video_path: str, codec: str) -> dict:
             "task_index": {"dtype": "int64", "shape": [1]},
         },
     }
+    (root / "meta").mkdir(parents=True, exist_ok=True)
+    (root / "meta/info.json").write_text(json.dumps(info))
 
 
 def write_lerobot_v21(root: Path) -> Path:
     """One parquet and one H.264 mp4 per episode, episodes.jsonl and tasks.jsonl."""
-    (root / "meta").mkdir(parents=True)
-    info = _info(
+    _write_info(
+        root,
         "v2.1",
         "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
         "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
         "h264",
     )
-    (root / "meta/info.json").write_text(json.dumps(info))
     first = 0
     for e, length in enumerate(LENGTHS):
         data = root / f"data/chunk-000/episode_{e:06d}.parquet"
@@ -126,13 +127,13 @@ def write_lerobot_v30(root: Path) -> Path:
     """Episodes 0-1 in one data file and one AV1 video file, episode 2 in the next of each (as LeRobot's size
     limits split them), episodes/ and tasks.parquet metadata."""
     (root / "meta/episodes/chunk-000").mkdir(parents=True)
-    info = _info(
+    _write_info(
+        root,
         "v3.0",
         "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
         "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
         "av1",
     )
-    (root / "meta/info.json").write_text(json.dumps(info))
     rows, first = [], 0
     for file_index, episodes in enumerate(([0, 1], [2])):
         data = root / f"data/chunk-000/file-{file_index:03d}.parquet"

@@ -66,26 +66,30 @@ def test_train_serve_and_evaluate_one_episode(tmp_path: Path, model: str, family
         stderr=subprocess.PIPE,
         text=True,
     )
+    evaluate = lambda *extra: subprocess.run(  # noqa: E731
+        [
+            sys.executable,
+            "eval_maniskill.py",
+            f"ckpt={ckpt}",
+            f"server=127.0.0.1:{port}",
+            "env_id=PushCube-v1",
+            "num_episodes=1",
+            "max_steps=8",
+            'prompt="push the cube to the goal region"',
+            f"hydra.run.dir={tmp_path}/eval",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     try:
         wait_for_server("127.0.0.1", port, timeout=180)
-        evaluation = subprocess.run(
-            [
-                sys.executable,
-                "eval_maniskill.py",
-                f"ckpt={ckpt}",
-                f"server=127.0.0.1:{port}",
-                "env_id=PushCube-v1",
-                "num_episodes=1",
-                "max_steps=8",
-                'prompt="push the cube to the goal region"',
-                f"hydra.run.dir={tmp_path}/eval",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        evaluation = evaluate()
+        horizon = 1 if family == "TokenVLA" else 16
+        too_many = evaluate(f"execute_steps={horizon + 1}")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -96,5 +100,9 @@ def test_train_serve_and_evaluate_one_episode(tmp_path: Path, model: str, family
     (episode,) = results["episodes"]
     assert episode["steps"] == 8 and isinstance(episode["success"], bool) and episode.get("error") is None
     assert results["config"]["server_metadata"]["model"] == family
+    # by default 4 actions of each chunk, or the whole chunk of a policy that predicts fewer
+    assert results["config"]["execute_steps"] == min(4, horizon)
+    assert too_many.returncode != 0
+    assert f"execute_steps={horizon + 1} exceeds the policy's action_horizon {horizon}" in too_many.stderr
     assert list((tmp_path / "eval" / "images").glob("*.png"))
     assert server.returncode == 0
