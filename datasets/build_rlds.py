@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> Path:
         from datasets.hub import local_or_hub
         from datasets.lerobot import LeRobotDataset, LeRobotKeys
 
-        dataset = LeRobotDataset(local_or_hub(str(args.source[0]), repo_type="dataset", what="LeRobot dataset"))
+        source = str(args.source[0])
+        root = local_or_hub(source, repo_type="dataset", what="LeRobot dataset")
+        dataset = LeRobotDataset(root, name=Path(source).name)
         keys = LeRobotKeys(args.image_key, args.wrist_image_key, args.state_key, args.action_key)
         path = build(dataset.episode_iter(keys, args.instruction), len(dataset.episodes), args)
     else:

@@ -11,6 +11,8 @@ def local_or_hub(name: str, repo_type: str = "model", what: str = "run dir") -> 
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such local {what}, and not a Hub id of the form owner/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 

@@ -45,8 +45,10 @@ class LeRobotKeys:
 class LeRobotDataset:
     """One local LeRobot dataset: its metadata, and its episodes read one at a time."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, name: str | None = None):
+        """name: what episodes' file_path starts with (default: the dir's name)."""
         self.root = Path(root)
+        self.name = name or self.root.name
         info_path = self.root / "meta" / "info.json"
         if not info_path.is_file():
             raise FileNotFoundError(f"{info_path} does not exist: {self.root} is not a LeRobot dataset")
@@ -137,7 +139,7 @@ class LeRobotDataset:
                 "state": _matrix(rows[keys.state], steps, f"{path}: {keys.state}"),
                 "action": _matrix(rows[keys.action], steps, f"{path}: {keys.action}"),
                 "language_instruction": instruction if instruction is not None else self.tasks[task],
-                "file_path": f"{self.root.name}/episode_{int(episode['episode_index']):06d}",
+                "file_path": f"{self.name}/episode_{int(episode['episode_index']):06d}",
             }
 
     def _camera(self, rows, episode: dict, key: str, steps: int) -> np.ndarray:
@@ -167,20 +169,33 @@ def _matrix(column, steps: int, what: str) -> np.ndarray:
 
 
 def decode_video(path: Path, start_s: float, count: int, fps: float) -> np.ndarray:
-    """`count` RGB frames uint8 [count, H, W, 3] from `start_s` seconds into an mp4 (PyAV; AV1 through dav1d)."""
+    """`count` RGB frames uint8 [count, H, W, 3] at start_s + i / fps seconds of an mp4 (PyAV; AV1 through dav1d),
+    each the decoded frame whose timestamp is nearest, within half a frame; a frame the video lacks is an error."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (named by the dataset's meta/)")
-    frames = []
+    frames = _frames_at(path, start_s, count, fps, seek=start_s > 0)
+    if len(frames) < count and start_s > 0:  # a seek can land past the episode's start: decode from the beginning
+        frames = _frames_at(path, start_s, count, fps, seek=False)
+    missing = [i for i in range(count) if i not in frames]
+    if missing:
+        raise ValueError(
+            f"{path}: no frame within half a frame of {start_s + missing[0] / fps:.3f} s (frame {missing[0]} of "
+            f"{count} from {start_s:.3f} s at {fps:g} fps); {len(missing)} frames missing"
+        )
+    return np.stack([frames[i] for i in range(count)])
+
+
+def _frames_at(path: Path, start_s: float, count: int, fps: float, seek: bool) -> dict[int, np.ndarray]:
+    frames: dict[int, np.ndarray] = {}
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        if start_s > 0:
+        if seek:
             container.seek(int(start_s / stream.time_base), stream=stream, backward=True)
         for frame in container.decode(stream):
-            if frame.time is not None and frame.time < start_s - 0.5 / fps:
-                continue  # decoded from the keyframe before the episode's first frame
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if len(frames) == count:
+            position = (frame.time - start_s) * fps  # in frames from the episode's first
+            if position > count - 0.5:
                 break
-    if len(frames) < count:
-        raise ValueError(f"{path}: {count} frames from {start_s:.3f} s expected, the video has {len(frames)}")
-    return np.stack(frames)
+            index = round(position)
+            if index >= 0 and index not in frames:
+                frames[index] = frame.to_ndarray(format="rgb24")
+    return frames

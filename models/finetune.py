@@ -32,7 +32,13 @@ def apply_finetune_mode(model: nn.Module, mode: str, lora: dict | None = None) -
         add_lora_adapters(model, **(lora or {}))
     if getattr(model, "ema_diffusion", None) is not None:
         model.ema_diffusion.requires_grad_(False)
-    return count_parameters(model)
+    counts = count_parameters(model)
+    if not counts["trainable"]:
+        raise ValueError(
+            f"finetune.mode={mode!r} freezes every module of {type(model).__name__} "
+            f"({', '.join(FROZEN_MODULES[mode])}): nothing would train; pick another finetune mode"
+        )
+    return counts
 
 
 def add_lora_adapters(

@@ -15,15 +15,15 @@ import torch
 from models.cogact.action_model import ActionModel
 from models.cogact.model import CogACT
 
-# The DiT's sinusoidal embedding is made for diffusion steps 0-1000: flow time in [0, 1] is scaled to that range.
-TIME_SCALE = 1000.0
-
 
 class FlowMatchingHead(ActionModel):
     """The DiT of ActionModel (same sizes and state token) with a flow-matching loss and an Euler sampler."""
 
     def __init__(self, *args, time_beta: tuple[float, float] = (1.5, 1.0), **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # The DiT's timestep embedding (CogACT-Base's included) has seen diffusion steps 0 .. diffusion_steps - 1:
+        # flow time in [0, 1] is scaled to that range.
+        self.time_scale = float(self.diffusion.num_steps)
         self.diffusion = None  # no noise schedule: the flow's path is linear in t
         self.time_beta = tuple(time_beta)
 
@@ -33,7 +33,7 @@ class FlowMatchingHead(ActionModel):
         beta = torch.distributions.Beta(*(torch.tensor(float(c), device=actions.device) for c in self.time_beta))
         t = beta.sample((actions.shape[0],)) * 0.999 + 0.001
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
-        predicted = self.net(x_t, t * TIME_SCALE, condition, state)
+        predicted = self.net(x_t, t * self.time_scale, condition, state)
         return ((predicted.float() - (noise - actions).float()) ** 2).mean()
 
     @torch.no_grad()
@@ -50,7 +50,7 @@ class FlowMatchingHead(ActionModel):
         x = self.initial_noise(condition, generator)
         velocity = self.guided(condition, cfg_scale, state)
         for i in range(steps):
-            t = torch.full((x.shape[0],), (1.0 - i / steps) * TIME_SCALE, device=x.device)
+            t = torch.full((x.shape[0],), (1.0 - i / steps) * self.time_scale, device=x.device)
             x = x - velocity(x, t) / steps
         return x
 
@@ -58,7 +58,7 @@ class FlowMatchingHead(ActionModel):
 class FlowVLA(CogACT):
     """CogACT's vision backbones, LLM and cognition feature (prompt format, state, aux head, LoRA, EMA, checkpoints
     all as CogACT's) with a FlowMatchingHead. flow_steps: Euler steps at inference (pi0: 10). `action_model` takes
-    ActionModel's sizes plus time_beta; its diffusion_steps is unused."""
+    ActionModel's sizes plus time_beta; its diffusion_steps sets the range of the time embedding."""
 
     head_class = FlowMatchingHead
 

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from models import Observation, load_policy, save_checkpoint
-from models.flow import TIME_SCALE, FlowVLA
+from models.flow import FlowVLA
 from tests.test_cogact import CONF, _batch, _overfit, _stats
 
 
@@ -48,8 +48,8 @@ def test_euler_sampler_follows_the_velocity_from_noise_to_the_actions(flow, monk
 
     def exact_velocity(condition, cfg_scale, state=None):
         def velocity(x, t):
-            times.append(t[0].item() / TIME_SCALE)
-            return (x - target) / (t / TIME_SCALE)[:, None, None]
+            times.append(t[0].item() / head.time_scale)
+            return (x - target) / (t / head.time_scale)[:, None, None]
 
         return velocity
 

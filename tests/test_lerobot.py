@@ -15,7 +15,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from datasets.build_rlds import main as build_rlds
-from datasets.lerobot import LeRobotDataset, LeRobotKeys
+from datasets.hub import local_or_hub
+from datasets.lerobot import LeRobotDataset, LeRobotKeys, decode_video
 from datasets.rlds import RLDSSource, compute_statistics
 
 LENGTHS = (5, 7, 6)
@@ -40,10 +41,10 @@ def _vector(episode: int, frame: int, dim: int) -> list[float]:
     return [100.0 * episode + frame + k / 10 for k in range(dim)]
 
 
-def _write_video(path: Path, frames: list[np.ndarray], codec: str) -> None:
+def _write_video(path: Path, frames: list[np.ndarray], codec: str, options: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=FPS)
+        stream = container.add_stream(codec, rate=FPS, options=options or {})
         stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
@@ -227,3 +228,21 @@ def test_lerobot_errors_name_what_is_wrong(tmp_path) -> None:
     (source / "meta/info.json").write_text(json.dumps({**info, "codebase_version": "v1.6"}))
     with pytest.raises(ValueError, match=r"codebase_version 'v1.6'; readable versions are \['v2.0', 'v2.1', 'v3.0'\]"):
         LeRobotDataset(source)
+
+
+def test_video_frames_are_picked_by_their_timestamps(tmp_path) -> None:
+    """B-frames and a seek to the keyframe before the episode must not shift the frames; a frame the video lacks
+    is named."""
+    video = tmp_path / "b_frames.mp4"
+    _write_video(video, [_frame(0, f) for f in range(24)], "mpeg4", {"bf": "2", "g": "6", "qmax": "2"})
+    frames = decode_video(video, 1.3, 5, FPS)
+    levels = frames.reshape(5, -1, 3).mean(1)[:, 1]  # green = 255 - level
+    np.testing.assert_allclose(255 - levels, [_level(0, f) for f in range(13, 18)], atol=4)
+    with pytest.raises(ValueError, match=r"no frame within half a frame of 2\.400 s \(frame 4 of 5"):
+        decode_video(video, 2.0, 5, FPS)
+
+
+def test_a_local_path_that_is_not_there_is_not_taken_for_a_hub_id(tmp_path) -> None:
+    for name in (str(tmp_path / "missing"), "./data/typo", "~/nowhere"):
+        with pytest.raises(FileNotFoundError, match="no such local LeRobot dataset"):
+            local_or_hub(name, repo_type="dataset", what="LeRobot dataset")

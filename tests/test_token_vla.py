@@ -68,3 +68,12 @@ def test_wrong_action_window_is_refused() -> None:
     batch = {**_batch(model), "action": torch.zeros(2, 4, 7)}
     with pytest.raises(ValueError, match=r"batch actions are \(4, 7\), the model expects \[1, 7\]"):
         model.compute_loss(batch)
+
+
+def test_a_finetune_mode_that_leaves_nothing_to_train_is_refused() -> None:
+    from models.finetune import apply_finetune_mode
+
+    model = instantiate(_token_cfg().model)  # no action head: head_only would freeze everything
+    with pytest.raises(ValueError, match=r"finetune.mode='head_only' freezes every module of TokenVLA .*nothing"):
+        apply_finetune_mode(model, "head_only")
+    assert apply_finetune_mode(model, "frozen_vision")["trainable"] > 0
