@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.cogact.llm import LlamaBackbone
-from models.cogact.vision import DinoSigLIPBackbone, FusedMLPProjector
-from models.policy import Policy
+from models.cogact.vlm import PrismaticPolicy
 
 
 class ActionTokenizer:
@@ -45,7 +43,7 @@ class ActionTokenizer:
         return self.centers.to(ids.device)[index]
 
 
-class TokenVLA(Policy):
+class TokenVLA(PrismaticPolicy):
     """vision_backbone / llm_backbone: the keyword arguments of DinoSigLIPBackbone and LlamaBackbone (as CogACT's).
     The chunk is future_action_window_size + 1 steps of action_dim tokens each (OpenVLA: one step, 7 tokens), decoded
     one token per LLM pass. bins: action bins (OpenVLA: 256)."""
@@ -60,17 +58,10 @@ class TokenVLA(Policy):
         bins: int = 256,
         gradient_checkpointing: bool = False,
     ) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.action_dim = action_dim
-        self.action_horizon = future_action_window_size + 1
-        self.vision_backbone = DinoSigLIPBackbone(image_size=image_size, **vision_backbone)
-        self.llm_backbone = LlamaBackbone(**llm_backbone)
-        self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, self.llm_backbone.hidden_size)
+        super().__init__(
+            vision_backbone, llm_backbone, image_size, action_dim, future_action_window_size, gradient_checkpointing
+        )
         self.action_tokenizer = ActionTokenizer(self.llm_backbone.tokenizer.vocab_size, bins)
-        if gradient_checkpointing:
-            self.vision_backbone.set_grad_checkpointing(True)
-            self.llm_backbone.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _hidden(
         self, patches: torch.Tensor, prompts: list[str], suffixes: list[list[int]]
@@ -81,20 +72,11 @@ class TokenVLA(Policy):
         hidden = self.llm_backbone(*self.llm_backbone.with_image(patches, input_ids, text_mask))
         return hidden, patches.shape[1] + text_mask.sum(dim=1) - 1
 
-    def _patches(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(f"images are {tuple(images.shape[1:3])}, the model expects {self.image_size} px square")
-        return self.projector(self.vision_backbone(images.to(self.device)))
-
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
-        if actions.shape[1:] != (self.action_horizon, self.action_dim):
-            raise ValueError(
-                f"batch actions are {tuple(actions.shape[1:])}, the model expects "
-                f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
-            )
+        self.check_actions(actions)
         targets = self.action_tokenizer.encode(actions.flatten(1))  # [B, n]
-        hidden, last = self._hidden(self._patches(batch["image"]), batch["prompt"], targets.tolist())
+        hidden, last = self._hidden(self.image_patches(batch["image"]), batch["prompt"], targets.tolist())
         n = targets.shape[1]
         # Action token k of a row sits at last - n + 1 + k and is predicted from the position before it.
         index = (last - n)[:, None] + torch.arange(n, device=hidden.device)
@@ -113,7 +95,7 @@ class TokenVLA(Policy):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Greedy decoding of the chunk's action tokens, restricted to the action ids; deterministic."""
-        patches = self._patches(images)
+        patches = self.image_patches(images)
         first = self.action_tokenizer.first_id
         decoded: list[list[int]] = [[] for _ in prompts]
         for _ in range(self.action_horizon * self.action_dim):

@@ -11,12 +11,10 @@ import copy
 import torch
 
 from models.cogact.action_model import ActionModel
-from models.cogact.llm import LlamaBackbone
-from models.cogact.vision import DinoSigLIPBackbone, FusedMLPProjector
-from models.policy import Policy
+from models.cogact.vlm import PrismaticPolicy
 
 
-class CogACT(Policy):
+class CogACT(PrismaticPolicy):
     """Sub-module settings are the keyword arguments of DinoSigLIPBackbone, LlamaBackbone and ActionModel.
 
     repeated_diffusion_steps: noise draws per sample in the loss (CogACT: 4). cfg_scale: classifier-free guidance
@@ -60,17 +58,13 @@ class CogACT(Policy):
         aux_loss_weight: float = 1.0,
         aux_condition: bool = False,
     ) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.action_dim = action_dim
-        self.action_horizon = future_action_window_size + 1
+        super().__init__(
+            vision_backbone, llm_backbone, image_size, action_dim, future_action_window_size, gradient_checkpointing
+        )
         self.repeated_diffusion_steps = repeated_diffusion_steps
         self.cfg_scale = cfg_scale
         self.ddim_steps = ddim_steps
         self.ema_decay = ema_decay
-        self.vision_backbone = DinoSigLIPBackbone(image_size=image_size, **vision_backbone)
-        self.llm_backbone = LlamaBackbone(**llm_backbone)
-        self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, self.llm_backbone.hidden_size)
         if proprio_input not in ("add", "token"):
             raise ValueError(f"model.proprio_input must be 'add' or 'token', got {proprio_input!r}")
         self.proprio_dim = proprio_dim
@@ -105,9 +99,6 @@ class CogACT(Policy):
         self.ema_diffusion = None
         if use_ema:
             self.ema_diffusion = copy.deepcopy(self.action_model).requires_grad_(False)
-        if gradient_checkpointing:
-            self.vision_backbone.set_grad_checkpointing(True)
-            self.llm_backbone.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if pretrained:
             from models.cogact.official import load_official_weights
 
@@ -124,9 +115,7 @@ class CogACT(Policy):
 
     def cognition_features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """images uint8 [B, S, S, 3], prompts -> the last-layer hidden state at the cognition token [B, 1, D]."""
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(f"images are {tuple(images.shape[1:3])}, the model expects {self.image_size} px square")
-        patches = self.projector(self.vision_backbone(images))  # [B, N, D]
+        patches = self.image_patches(images)  # [B, N, D]
         input_ids, text_mask = self.llm_backbone.tokenize(prompts, images.device)
         hidden = self.llm_backbone(*self.llm_backbone.with_image(patches, input_ids, text_mask))
         last = patches.shape[1] + text_mask.sum(dim=1) - 1
@@ -174,11 +163,7 @@ class CogACT(Policy):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
-        if actions.shape[1:] != (self.action_horizon, self.action_dim):
-            raise ValueError(
-                f"batch actions are {tuple(actions.shape[1:])}, the model expects "
-                f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
-            )
+        self.check_actions(actions)
         cognition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
         condition, token, predicted = self.head_inputs(cognition, batch.get("state"))
         repeats = self.repeated_diffusion_steps

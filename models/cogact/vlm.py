@@ -1,0 +1,49 @@
+"""The Prismatic VLM that CogACT and the token policy build on: DINOv2 + SigLIP -> projector -> Llama-2."""
+
+from __future__ import annotations
+
+import torch
+
+from models.cogact.llm import LlamaBackbone
+from models.cogact.vision import DinoSigLIPBackbone, FusedMLPProjector
+from models.policy import Policy
+
+
+class PrismaticPolicy(Policy):
+    """A policy on the Prismatic VLM. vision_backbone / llm_backbone: the keyword arguments of DinoSigLIPBackbone
+    and LlamaBackbone. Chunks are future_action_window_size + 1 steps of action_dim values. gradient_checkpointing:
+    recompute the ViTs' and the LLM's activations in the backward pass (memory for time)."""
+
+    def __init__(
+        self,
+        vision_backbone: dict,
+        llm_backbone: dict,
+        image_size: int,
+        action_dim: int,
+        future_action_window_size: int,
+        gradient_checkpointing: bool,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.action_dim = action_dim
+        self.action_horizon = future_action_window_size + 1
+        self.vision_backbone = DinoSigLIPBackbone(image_size=image_size, **vision_backbone)
+        self.llm_backbone = LlamaBackbone(**llm_backbone)
+        self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, self.llm_backbone.hidden_size)
+        if gradient_checkpointing:
+            self.vision_backbone.set_grad_checkpointing(True)
+            self.llm_backbone.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def image_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images uint8 [B, S, S, 3] -> the projected patch embeddings [B, N, D] the LLM reads."""
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f"images are {tuple(images.shape[1:3])}, the model expects {self.image_size} px square")
+        return self.projector(self.vision_backbone(images.to(self.device)))
+
+    def check_actions(self, actions: torch.Tensor) -> None:
+        """Refuse a batch of action chunks [B, T, A] of another window or size than the model's."""
+        if actions.shape[1:] != (self.action_horizon, self.action_dim):
+            raise ValueError(
+                f"batch actions are {tuple(actions.shape[1:])}, the model expects "
+                f"[{self.action_horizon}, {self.action_dim}] (window x action_dim)"
+            )
