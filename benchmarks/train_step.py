@@ -4,6 +4,7 @@ LoRA and full finetuning, bf16.
     .venv/bin/python -m benchmarks.train_step                       # cogact_tiny on CPU
     .venv/bin/python -m benchmarks.train_step --full-size --finetune lora full --batch-size 8   # needs a CUDA GPU
     .venv/bin/python -m benchmarks.train_step --batch-size 32 --overrides experiment=maniskill_e2e   # the e2e model
+    .venv/bin/python -m benchmarks.train_step --model flow_tiny      # another family (conf/model/*.yaml)
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from models.finetune import apply_finetune_mode
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build(full_size: bool, finetune: str, device: torch.device, overrides: list[str]) -> torch.nn.Module:
-    model_name = "cogact" if full_size else "cogact_tiny"
+def build(model_name: str, finetune: str, device: torch.device, overrides: list[str]) -> torch.nn.Module:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[*overrides, f"model={model_name}", "model.pretrained=null", f"finetune={finetune}"]
-        )
+        cfg = compose("train", overrides=[*overrides, f"model={model_name}", f"finetune={finetune}"])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if "pretrained" in model_cfg:
+        model_cfg["pretrained"] = None  # random weights: nothing is downloaded
     model_cfg["llm_backbone"]["tokenizer"] = "tiny"  # Llama-2's tokenizer is gated; the vocab size stays as configured
     with device:
         model = instantiate(model_cfg)
@@ -43,12 +43,12 @@ def build(full_size: bool, finetune: str, device: torch.device, overrides: list[
 
 
 def measure(
-    full_size: bool, finetune: str, batch_size: int, steps: int, warmup: int, device: torch.device, overrides: list[str]
+    model_name: str, finetune: str, batch_size: int, steps: int, warmup: int, device: torch.device, overrides: list[str]
 ) -> dict:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build(full_size, finetune, device, overrides).train()
+    model = build(model_name, finetune, device, overrides).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     size = model.image_size
     batch = {
@@ -76,7 +76,7 @@ def measure(
             timings.append(time.perf_counter() - start)
     step_s = sorted(timings)[len(timings) // 2]
     row = {
-        "model": "cogact" if full_size else "cogact_tiny",
+        "model": model_name,
         "finetune": finetune,
         "batch_size": batch_size,
         "median_step_s": step_s,
@@ -95,6 +95,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="the 7B CogACT (random weights); needs a GPU")
+    parser.add_argument("--model", default=None, help="conf/model/<name>; default cogact_tiny (cogact: --full-size)")
     parser.add_argument(
         "--finetune", nargs="+", default=["full"], choices=["full", "lora", "head_only", "frozen_vision"]
     )
@@ -106,17 +107,18 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.full_size and device.type != "cuda":
         raise SystemExit("--full-size needs a CUDA GPU")
+    model_name = args.model or ("cogact" if args.full_size else "cogact_tiny")
     rows = [
-        measure(args.full_size, mode, args.batch_size, args.steps, args.warmup, device, args.overrides)
+        measure(model_name, mode, args.batch_size, args.steps, args.warmup, device, args.overrides)
         for mode in args.finetune
     ]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     print(f"device: {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'model':<13}{'finetune':<15}{'batch':>6}{'step s':>9}{'steps/s':>9}{'frames/s':>10}{'peak GB':>9}")
+    print(f"{'model':<16}{'finetune':<15}{'batch':>6}{'step s':>9}{'steps/s':>9}{'frames/s':>10}{'peak GB':>9}")
     for row in rows:
         peak = row.get("peak_gpu_memory_gb", row["peak_host_rss_gb"])
         print(
-            f"{row['model']:<13}{row['finetune']:<15}{row['batch_size']:>6}{row['median_step_s']:>9.3f}"
+            f"{row['model']:<16}{row['finetune']:<15}{row['batch_size']:>6}{row['median_step_s']:>9.3f}"
             f"{row['steps_per_s']:>9.2f}{row['frames_per_s']:>10.1f}{peak:>9.2f}"
         )
     variant = "".join(f"_{o.replace('=', '-').replace('/', '-')}" for o in args.overrides)
