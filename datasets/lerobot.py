@@ -75,7 +75,7 @@ class LeRobotDataset:
             path = self.root / "meta" / "episodes.jsonl"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist (LeRobot {self.version})")
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = _jsonl(path)
         return sorted(rows, key=lambda row: int(row["episode_index"]))
 
     def _read_tasks(self) -> dict[int, str]:
@@ -87,7 +87,7 @@ class LeRobotDataset:
                 raise KeyError(f"{self.root}/meta/tasks.parquet: no task column (columns: {table.column_names})")
             return dict(zip(table["task_index"].to_pylist(), table[names].to_pylist(), strict=True))
         path = self.root / "meta" / "tasks.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        rows = _jsonl(path) if path.is_file() else []
         return {int(row["task_index"]): row["task"] for row in rows}
 
     def check_keys(self, keys: LeRobotKeys) -> LeRobotKeys:
@@ -149,6 +149,10 @@ class LeRobotDataset:
             )
         start = float(episode.get(f"videos/{key}/from_timestamp", 0.0))
         return decode_video(self._path("video_path", episode, key), start, steps, self.fps)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _read_parquet(path: Path, columns: list[str]):

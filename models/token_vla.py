@@ -63,20 +63,11 @@ class TokenVLA(PrismaticPolicy):
         )
         self.action_tokenizer = ActionTokenizer(self.llm_backbone.tokenizer.vocab_size, bins)
 
-    def _hidden(
-        self, patches: torch.Tensor, prompts: list[str], suffixes: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last-layer hidden states [B, N + L, D] of image, prompt and each row's suffix ids, and each row's
-        sequence index of its last token [B]."""
-        input_ids, text_mask = self.llm_backbone.tokenize(prompts, patches.device, suffixes)
-        hidden = self.llm_backbone(*self.llm_backbone.with_image(patches, input_ids, text_mask))
-        return hidden, patches.shape[1] + text_mask.sum(dim=1) - 1
-
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
         self.check_actions(actions)
         targets = self.action_tokenizer.encode(actions.flatten(1))  # [B, n]
-        hidden, last = self._hidden(self.image_patches(batch["image"]), batch["prompt"], targets.tolist())
+        hidden, last = self.hidden_states(self.image_patches(batch["image"]), batch["prompt"], targets.tolist())
         n = targets.shape[1]
         # Action token k of a row sits at last - n + 1 + k and is predicted from the position before it.
         index = (last - n)[:, None] + torch.arange(n, device=hidden.device)
@@ -99,7 +90,7 @@ class TokenVLA(PrismaticPolicy):
         first = self.action_tokenizer.first_id
         decoded: list[list[int]] = [[] for _ in prompts]
         for _ in range(self.action_horizon * self.action_dim):
-            hidden, last = self._hidden(patches, prompts, decoded)
+            hidden, last = self.hidden_states(patches, prompts, decoded)
             logits = self.llm_backbone.logits(hidden[torch.arange(len(prompts), device=hidden.device), last])
             chosen = logits[:, first : self.action_tokenizer.vocab_size].argmax(dim=-1) + first
             for row, token in zip(decoded, chosen.tolist(), strict=True):

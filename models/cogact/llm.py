@@ -89,15 +89,18 @@ class LlamaBackbone(nn.Module):
         patch_mask = torch.ones(patches.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
         return embeds, torch.cat([text_mask[:, :1], patch_mask, text_mask[:, 1:]], dim=1)
 
+    @property
+    def causal_lm(self) -> LlamaForCausalLM:
+        """The LlamaForCausalLM, whether or not peft wraps it (LoRA layers stay inside it)."""
+        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The causal LM's vocabulary logits [B, L, V] from last-layer hidden states [B, L, D]."""
-        causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
-        return causal_lm.lm_head(hidden)
+        return self.causal_lm.lm_head(hidden)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states (after the final norm, as hidden_states[-1] of the causal LM) [B, L, D]."""
-        causal_lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm  # under LoRA
-        return causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        return self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -115,10 +115,7 @@ class CogACT(PrismaticPolicy):
 
     def cognition_features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """images uint8 [B, S, S, 3], prompts -> the last-layer hidden state at the cognition token [B, 1, D]."""
-        patches = self.image_patches(images)  # [B, N, D]
-        input_ids, text_mask = self.llm_backbone.tokenize(prompts, images.device)
-        hidden = self.llm_backbone(*self.llm_backbone.with_image(patches, input_ids, text_mask))
-        last = patches.shape[1] + text_mask.sum(dim=1) - 1
+        hidden, last = self.hidden_states(self.image_patches(images), prompts)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
 
     def condition(self, images: torch.Tensor, prompts: list[str], states: torch.Tensor | None) -> torch.Tensor:

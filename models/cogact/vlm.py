@@ -40,6 +40,15 @@ class PrismaticPolicy(Policy):
             raise ValueError(f"images are {tuple(images.shape[1:3])}, the model expects {self.image_size} px square")
         return self.projector(self.vision_backbone(images.to(self.device)))
 
+    def hidden_states(
+        self, patches: torch.Tensor, prompts: list[str], suffixes: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM's last-layer hidden states [B, N + L, D] over the image patches, the prompt (with the cognition
+        tokens) and each row's suffix ids, and each row's sequence index of its last token [B] (right padding)."""
+        input_ids, text_mask = self.llm_backbone.tokenize(prompts, patches.device, suffixes)
+        hidden = self.llm_backbone(*self.llm_backbone.with_image(patches, input_ids, text_mask))
+        return hidden, patches.shape[1] + text_mask.sum(dim=1) - 1
+
     def check_actions(self, actions: torch.Tensor) -> None:
         """Refuse a batch of action chunks [B, T, A] of another window or size than the model's."""
         if actions.shape[1:] != (self.action_horizon, self.action_dim):
