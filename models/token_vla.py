@@ -3,16 +3,34 @@
 The same Prismatic VLM as CogACT (DINOv2 + SigLIP -> projector -> Llama-2, OpenVLA's architecture) with no action
 head: each normalized action value is one of 256 bins, written as one of the vocabulary's last 256 token ids, and
 the LLM learns them by next-token cross-entropy after the prompt; inference decodes them greedily. Like
-models/flow.py, it plugs in with this module and one YAML (conf/model/token_vla_tiny.yaml). It does not load
-OpenVLA's released weights (their HF layout differs); the discretization and the token ids are OpenVLA's.
+models/flow.py, it plugs in with this module and one YAML (conf/model/token_vla_tiny.yaml). The discretization and
+the token ids are OpenVLA's, and `pretrained` loads OpenVLA's released weights (conf/model/openvla.yaml).
+
+OpenVLA's HF checkpoint (openvla/openvla-7b): config.json (with norm_stats) and model*.safetensors (one file or
+shards) holding `vision_backbone.{featurizer,fused_featurizer}.*` (timm keys, LayerScale `gamma` renamed
+`scale_factor`), `projector.fc{1,2,3}.*` and `language_model.{model.*,lm_head.weight}` (a LlamaForCausalLM).
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import DynamicCache
 
+from datasets.hub import local_or_hub
 from models.cogact.vlm import PrismaticPolicy
+
+# OpenVLA's key -> ours: (pattern, replacement), applied in order.
+OPENVLA_KEYS = (
+    (r"^language_model\.", "llm_backbone.llm."),
+    (r"^projector\.fc1\.", "projector.projector.0."),
+    (r"^projector\.fc2\.", "projector.projector.2."),
+    (r"^projector\.fc3\.", "projector.projector.4."),
+    (r"\.scale_factor$", ".gamma"),
+)
 
 
 class ActionTokenizer:
@@ -46,7 +64,8 @@ class ActionTokenizer:
 class TokenVLA(PrismaticPolicy):
     """vision_backbone / llm_backbone: the keyword arguments of DinoSigLIPBackbone and LlamaBackbone (as CogACT's).
     The chunk is future_action_window_size + 1 steps of action_dim tokens each (OpenVLA: one step, 7 tokens), decoded
-    one token per LLM pass. bins: action bins (OpenVLA: 256)."""
+    greedily with a key-value cache. bins: action bins (OpenVLA: 256). pretrained: OpenVLA's weights, a Hub id (e.g.
+    openvla/openvla-7b) or a local dir of its files; null = random init."""
 
     def __init__(
         self,
@@ -57,11 +76,14 @@ class TokenVLA(PrismaticPolicy):
         future_action_window_size: int = 0,
         bins: int = 256,
         gradient_checkpointing: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__(
             vision_backbone, llm_backbone, image_size, action_dim, future_action_window_size, gradient_checkpointing
         )
         self.action_tokenizer = ActionTokenizer(self.llm_backbone.tokenizer.vocab_size, bins)
+        if pretrained:
+            load_openvla_weights(self, pretrained)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
@@ -85,18 +107,60 @@ class TokenVLA(PrismaticPolicy):
         states: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Greedy decoding of the chunk's action tokens, restricted to the action ids; deterministic."""
-        patches = self.image_patches(images)
-        first = self.action_tokenizer.first_id
-        decoded: list[list[int]] = [[] for _ in prompts]
-        for _ in range(self.action_horizon * self.action_dim):
-            hidden, last = self.hidden_states(patches, prompts, decoded)
-            logits = self.llm_backbone.logits(hidden[torch.arange(len(prompts), device=hidden.device), last])
-            chosen = logits[:, first : self.action_tokenizer.vocab_size].argmax(dim=-1) + first
-            for row, token in zip(decoded, chosen.tolist(), strict=True):
-                row.append(token)
-        ids = torch.tensor(decoded, device=patches.device)
+        """Greedy decoding of the chunk's action tokens (decode_tokens); deterministic."""
+        ids, _ = self.decode_tokens(images, prompts)
         return self.action_tokenizer.decode(ids).reshape(len(prompts), self.action_horizon, self.action_dim)
+
+    @torch.no_grad()
+    def decode_tokens(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's action token ids [B, n], each the argmax of its logits over the action ids [B, n, bins]. One
+        LLM pass over image and prompt, then one single-token pass per further token on the cached keys and values:
+        each row's new token goes at its own next position (rows are right-padded to the longest prompt, the padding
+        masked)."""
+        llm = self.llm_backbone
+        patches = self.image_patches(images)
+        embeds, mask = llm.with_image(patches, *llm.tokenize(prompts, patches.device))
+        lengths = mask.sum(dim=1)  # each row's tokens; its next token goes at this position
+        cache = DynamicCache()
+        hidden = llm(embeds, mask, cache)[torch.arange(len(prompts), device=patches.device), lengths - 1]
+        first, count = self.action_tokenizer.first_id, self.action_horizon * self.action_dim
+        ids, logits = [], []
+        for k in range(count):
+            logits.append(llm.logits(hidden)[:, first : self.action_tokenizer.vocab_size].float())
+            ids.append(logits[-1].argmax(dim=-1) + first)
+            if k + 1 < count:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step = llm.embed(ids[-1][:, None]).to(patches.dtype)
+                hidden = llm(step, mask, cache, position_ids=(lengths + k)[:, None])[:, 0]
+        return torch.stack(ids, dim=1), torch.stack(logits, dim=1)
 
     def metadata(self) -> dict:
         return {**super().metadata(), "action_bins": self.action_tokenizer.bins}
+
+
+def load_openvla_weights(model: TokenVLA, pretrained: str) -> None:
+    """Load OpenVLA's HF checkpoint (Hub id or local dir) into the model, every weight; a key either side lacks, or a
+    shape that differs, is refused with the lists of them."""
+    root = local_or_hub(pretrained, repo_type="model", what="OpenVLA checkpoint dir")
+    files = sorted(root.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{root} holds no model*.safetensors (OpenVLA's HF layout)")
+    state = {}
+    for file in files:
+        for key, tensor in load_file(str(file)).items():
+            for pattern, replacement in OPENVLA_KEYS:
+                key = re.sub(pattern, replacement, key)
+            state[key] = tensor
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise KeyError(
+            f"{root} does not match the model: missing {missing[:20]}, unexpected {unexpected[:20]}, "
+            f"shapes (file vs model) {shapes[:20]}"
+        )
+    model.load_state_dict(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,34 @@ def test_overfit_tokens_decode_back_to_the_actions(tmp_path) -> None:
     assert loaded.predict_action(observation).shape == (1, 7)
 
 
+def test_cached_decoding_equals_full_passes() -> None:
+    """The key-value cache's logits for each token equal those of a full LLM pass over image, prompt and the tokens
+    before it, for prompts of different lengths in one batch (the shorter rows padded) and a chunk of 3 steps (21
+    tokens); each token is their argmax. The model learns a few steps of one batch first, so the rows differ."""
+    torch.manual_seed(0)
+    cfg = _token_cfg().model
+    cfg.future_action_window_size = 2
+    model = instantiate(cfg)
+    prompts = ["push", "pick up the red cube and put it down on the green goal", "open the top drawer"]
+    batch = {
+        "image": torch.randint(0, 256, (3, 112, 112, 3), dtype=torch.uint8),
+        "prompt": prompts,
+        "action": torch.rand(3, 3, 7) * 2 - 1,
+    }
+    _overfit(model, batch, 15)
+    model.eval()
+    ids, logits = model.decode_tokens(batch["image"], prompts)
+    assert ids.shape == (3, 21) and logits.shape == (3, 21, 256) and len({tuple(r) for r in ids.tolist()}) == 3
+    first, vocab = model.action_tokenizer.first_id, model.action_tokenizer.vocab_size
+    torch.testing.assert_close(ids, logits.argmax(dim=-1) + first, rtol=0, atol=0)
+    with torch.no_grad():
+        patches = model.image_patches(batch["image"])
+        for k in range(21):
+            hidden, last = model.hidden_states(patches, prompts, ids[:, :k].tolist())
+            full = model.llm_backbone.logits(hidden[torch.arange(3), last])[:, first:vocab]
+            torch.testing.assert_close(logits[:, k], full, rtol=0, atol=1e-4)
+
+
 def test_wrong_action_window_is_refused() -> None:
     model = instantiate(_token_cfg().model)
     batch = {**_batch(model), "action": torch.zeros(2, 4, 7)}
@@ -77,3 +107,71 @@ def test_a_finetune_mode_that_leaves_nothing_to_train_is_refused() -> None:
     with pytest.raises(ValueError, match=r"finetune.mode='head_only' freezes every module of TokenVLA .*nothing"):
         apply_finetune_mode(model, "head_only")
     assert apply_finetune_mode(model, "frozen_vision")["trainable"] > 0
+
+
+def _openvla_layout(model: TokenVLA) -> dict[str, torch.Tensor]:
+    """The model's weights under OpenVLA's HF key names (modeling_prismatic.py): the LLM is `language_model`, the
+    projector's linears fc1..fc3, timm's LayerScale `gamma` is `scale_factor`."""
+    names = {"projector.projector.0.": "projector.fc1.", "projector.projector.2.": "projector.fc2."}
+    names |= {"projector.projector.4.": "projector.fc3.", "llm_backbone.llm.": "language_model."}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        for ours, theirs in names.items():
+            key = theirs + key.removeprefix(ours) if key.startswith(ours) else key
+        state[key.removesuffix(".gamma") + ".scale_factor" if key.endswith(".gamma") else key] = tensor.clone()
+    return state
+
+
+def _token_vla(cfg, pretrained: str) -> TokenVLA:
+    """The model of cfg (a model config) with its weights from pretrained, built directly so the loader's own
+    exception comes out (instantiate wraps it)."""
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    return TokenVLA(**{k: v for k, v in kwargs.items() if not k.startswith("_")}, pretrained=pretrained)
+
+
+def test_openvla_weights_load_from_their_hf_layout(tmp_path) -> None:
+    """A checkpoint in OpenVLA's layout (bf16 shards, an index, config.json with norm_stats) loads every weight; the
+    loaded model decodes as the original in bf16 precision would. Missing shards, no weights and a model of another
+    size are refused by name."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = instantiate(_token_cfg().model).eval()
+    state = _openvla_layout(source)
+    assert {"language_model.lm_head.weight", "projector.fc3.bias"} <= set(state)
+    assert "vision_backbone.featurizer.blocks.0.ls1.scale_factor" in state
+    keys = sorted(state)
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
+    for name, part in shards.items():
+        save_file({k: state[k].to(torch.bfloat16).contiguous() for k in part}, str(tmp_path / name))
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text(json.dumps({"norm_stats": {"toy": _stats()["toy"]}, "n_action_bins": 256}))
+
+    loaded = instantiate(_token_cfg().model, pretrained=str(tmp_path)).eval()
+    for key, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, source.state_dict()[key].to(torch.bfloat16).float(), rtol=0, atol=0)
+    images = torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8)
+    source.load_state_dict(loaded.state_dict())
+    torch.testing.assert_close(
+        loaded.decode_tokens(images, ["push", "pick up the cube"]),
+        source.decode_tokens(images, ["push", "pick up the cube"]),
+    )
+
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(KeyError, match=r"does not match the model: missing \['(projector|vision_backbone)\."):
+        _token_vla(_token_cfg().model, str(tmp_path))
+    (tmp_path / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no model\*\.safetensors \(OpenVLA's HF layout\)"):
+        _token_vla(_token_cfg().model, str(tmp_path))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    wider = _token_cfg().model
+    wider.llm_backbone.hidden_size = 96
+    with pytest.raises(
+        KeyError,
+        match=r"shapes \(file vs model\) \['llm_backbone\.llm\.model\.embed_tokens\.weight: \(512, 64\) vs \(512, 96\)",
+    ):
+        _token_vla(wider, str(tmp_path))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, Cache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from models.tokenizer import build_tiny_tokenizer
 
@@ -98,9 +98,23 @@ class LlamaBackbone(nn.Module):
         """The causal LM's vocabulary logits [B, L, V] from last-layer hidden states [B, L, D]."""
         return self.causal_lm.lm_head(hidden)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states (after the final norm, as hidden_states[-1] of the causal LM) [B, L, D]."""
-        return self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm, as hidden_states[-1] of the causal LM) [B, L, D].
+        cache: keys and values of the positions before these, extended in place with these (incremental decoding);
+        attention_mask then covers the cached positions too, and position_ids [B, L] place the new ones."""
+        return self.causal_lm.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
