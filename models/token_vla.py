@@ -13,6 +13,7 @@ shards) holding `vision_backbone.{featurizer,fused_featurizer}.*` (timm keys, La
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -84,6 +85,17 @@ class TokenVLA(PrismaticPolicy):
         self.action_tokenizer = ActionTokenizer(self.llm_backbone.tokenizer.vocab_size, bins)
         if pretrained:
             load_openvla_weights(self, pretrained)
+
+    @classmethod
+    def released_statistics(cls, pretrained: str) -> dict:
+        """OpenVLA's norm_stats, from its config.json (openvla-7b: one entry per Open X-Embodiment dataset)."""
+        config = local_or_hub(pretrained, repo_type="model", what="OpenVLA checkpoint dir") / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config} is missing (OpenVLA's HF layout)")
+        statistics = json.loads(config.read_text()).get("norm_stats")
+        if not statistics:
+            raise KeyError(f"{config} has no norm_stats")
+        return statistics
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)

@@ -116,3 +116,18 @@ def test_official_weights_load_into_a_head_with_a_state_token(official_run) -> N
     for name, weight in official.blocks.state_dict().items():
         torch.testing.assert_close(ours.blocks.state_dict()[name], weight)
     assert ours.state_embedder[0].weight.abs().sum() > 0  # its own fresh init: the official head has no state
+
+
+def test_official_run_exports_to_a_checkpoint_that_serves_it(official_run, tmp_path) -> None:
+    """models.export_pretrained on an official run dir: the checkpoint references the run (no weights of its own),
+    carries its dataset_statistics.json, and load_policy samples as the official model does."""
+    from models.export_pretrained import export_pretrained
+
+    run_dir, source = official_run
+    ckpt = export_pretrained(tmp_path / "ckpt", ["model=cogact_tiny", f"model.pretrained={run_dir}", "unnorm_key=toy"])
+    assert load_file(str(ckpt / "model.safetensors")) == {}
+    assert json.loads((ckpt / "dataset_statistics.json").read_text()) == _stats()
+    policy = load_policy(ckpt)
+    batch = _batch(policy)
+    torch.testing.assert_close(_sample(policy, batch), _sample(source, batch))
+    assert policy.unnorm_key == "toy"

@@ -129,15 +129,12 @@ def _token_vla(cfg, pretrained: str) -> TokenVLA:
     return TokenVLA(**{k: v for k, v in kwargs.items() if not k.startswith("_")}, pretrained=pretrained)
 
 
-def test_openvla_weights_load_from_their_hf_layout(tmp_path) -> None:
-    """A checkpoint in OpenVLA's layout (bf16 shards, an index, config.json with norm_stats) loads every weight; the
-    loaded model decodes as the original in bf16 precision would. Missing shards, no weights and a model of another
-    size are refused by name."""
+def _write_openvla_dir(model: TokenVLA, root) -> dict[str, torch.Tensor]:
+    """The model saved as OpenVLA's HF checkpoint is: bf16 safetensors shards with an index, and config.json with
+    norm_stats (two datasets). Returns the weights under OpenVLA's names."""
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    source = instantiate(_token_cfg().model).eval()
-    state = _openvla_layout(source)
+    state = _openvla_layout(model)
     assert {"language_model.lm_head.weight", "projector.fc3.bias"} <= set(state)
     assert "vision_backbone.featurizer.blocks.0.ls1.scale_factor" in state
     keys = sorted(state)
@@ -146,10 +143,21 @@ def test_openvla_weights_load_from_their_hf_layout(tmp_path) -> None:
         "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
     }
     for name, part in shards.items():
-        save_file({k: state[k].to(torch.bfloat16).contiguous() for k in part}, str(tmp_path / name))
+        save_file({k: state[k].to(torch.bfloat16).contiguous() for k in part}, str(root / name))
     index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (tmp_path / "config.json").write_text(json.dumps({"norm_stats": {"toy": _stats()["toy"]}, "n_action_bins": 256}))
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    stats = {"toy": _stats()["toy"], "other": {**_stats()["toy"], "num_trajectories": 9}}
+    (root / "config.json").write_text(json.dumps({"norm_stats": stats, "n_action_bins": 256}))
+    return state
+
+
+def test_openvla_weights_load_from_their_hf_layout(tmp_path) -> None:
+    """A checkpoint in OpenVLA's layout (bf16 shards, an index, config.json with norm_stats) loads every weight; the
+    loaded model decodes as the original in bf16 precision would. Missing shards, no weights and a model of another
+    size are refused by name."""
+    torch.manual_seed(0)
+    source = instantiate(_token_cfg().model).eval()
+    state = _write_openvla_dir(source, tmp_path)
 
     loaded = instantiate(_token_cfg().model, pretrained=str(tmp_path)).eval()
     for key, tensor in loaded.state_dict().items():
@@ -167,6 +175,8 @@ def test_openvla_weights_load_from_their_hf_layout(tmp_path) -> None:
     (tmp_path / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"holds no model\*\.safetensors \(OpenVLA's HF layout\)"):
         _token_vla(_token_cfg().model, str(tmp_path))
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     wider = _token_cfg().model
     wider.llm_backbone.hidden_size = 96
@@ -175,3 +185,35 @@ def test_openvla_weights_load_from_their_hf_layout(tmp_path) -> None:
         match=r"shapes \(file vs model\) \['llm_backbone\.llm\.model\.embed_tokens\.weight: \(512, 64\) vs \(512, 96\)",
     ):
         _token_vla(wider, str(tmp_path))
+
+
+def test_released_weights_export_to_a_checkpoint_that_serves_them(tmp_path) -> None:
+    """models.export_pretrained: a checkpoint of OpenVLA's released weights and statistics (the chosen unnorm_key)
+    that holds no weights of its own; load_policy rebuilds the released model and un-normalizes with that entry."""
+    from models.export_pretrained import export_pretrained, main
+
+    torch.manual_seed(0)
+    source = instantiate(_token_cfg().model).eval()
+    (tmp_path / "openvla").mkdir()
+    _write_openvla_dir(source, tmp_path / "openvla")
+    overrides = ["model=token_vla_tiny", f"+model.pretrained={tmp_path / 'openvla'}"]
+    with pytest.raises(ValueError, match=r"several datasets \['other', 'toy'\]: pass unnorm_key"):
+        export_pretrained(tmp_path / "ckpt", overrides)
+    with pytest.raises(
+        KeyError, match=r"unnorm_key 'bridge_orig' not in the statistics; available: \['other', 'toy'\]"
+    ):
+        export_pretrained(tmp_path / "ckpt", [*overrides, "unnorm_key=bridge_orig"])
+    with pytest.raises(ValueError, match=r"model.pretrained is not set for models.token_vla.TokenVLA"):
+        export_pretrained(tmp_path / "ckpt", ["model=token_vla_tiny"])
+    assert not (tmp_path / "ckpt").exists()
+
+    main([f"out={tmp_path / 'ckpt'}", *overrides, "unnorm_key=toy"])
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    assert meta["weights"] == "trainable_only" and meta["base"] == str(tmp_path / "openvla")
+    assert meta["unnorm_key"] == "toy" and (tmp_path / "ckpt" / "model.safetensors").stat().st_size < 1024
+    policy = load_policy(tmp_path / "ckpt")
+    assert policy.unnorm_key == "toy" and sorted(policy.statistics) == ["other", "toy"]
+    source.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in source.state_dict().items()})
+    source.set_statistics(_stats(), "toy")
+    observation = Observation(image=np.zeros((112, 112, 3), np.uint8), prompt="pick up the cube")
+    np.testing.assert_array_equal(policy.predict_action(observation), source.predict_action(observation))

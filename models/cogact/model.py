@@ -104,6 +104,14 @@ class CogACT(PrismaticPolicy):
 
             load_official_weights(self, pretrained)
 
+    @classmethod
+    def released_statistics(cls, pretrained: str) -> dict:
+        """An official run dir's dataset_statistics.json (CogACT-Base: fractal20220817_data, bridge_orig)."""
+        from datasets.statistics import load_statistics
+        from models.cogact.official import resolve_run_dir
+
+        return load_statistics(resolve_run_dir(pretrained))
+
     @property
     def sampling_steps(self) -> int:
         """Steps of the head's sampler at inference (CogACT: DDIM steps)."""
