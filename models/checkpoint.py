@@ -131,9 +131,13 @@ def load_policy(
         if key not in cfg.model:
             raise ValueError(f"sampling.{key}: the checkpoint's model ({cfg.model.get('_target_')}) has no {key}")
         overrides[key] = value
-    if (ckpt_dir / "tokenizer").is_dir() and "llm_backbone" in cfg.model:
+    if "llm_backbone" in cfg.model:
         llm_cfg = OmegaConf.to_container(cfg.model.llm_backbone)
-        overrides["llm_backbone"] = {**llm_cfg, "tokenizer": str(ckpt_dir / "tokenizer")}
+        if (ckpt_dir / "tokenizer").is_dir():
+            llm_cfg["tokenizer"] = str(ckpt_dir / "tokenizer")
+        if "strip_prompt" not in llm_cfg:  # saved before 2026-12-02: rebuilt as it was trained
+            llm_cfg |= {"strip_prompt": False, "rms_norm_eps": llm_cfg.get("rms_norm_eps", 1e-6)}
+        overrides["llm_backbone"] = llm_cfg
     model = instantiate(cfg.model, **overrides)
     finetune = cfg.get("finetune") or {}
     if finetune.get("mode") == "lora":

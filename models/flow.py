@@ -72,6 +72,12 @@ class FlowVLA(CogACT):
     def sampling_steps(self) -> int:
         return self.flow_steps
 
+    def released_statistics(self, pretrained: str) -> dict:
+        raise NotImplementedError(
+            "FlowVLA has no released weights: CogACT's official head is a noise predictor, not a velocity field "
+            "(they initialize a flow policy for finetuning, they do not act as one)"
+        )
+
     def metadata(self) -> dict:
         meta = {k: v for k, v in super().metadata().items() if k != "ddim_steps"}
         return {**meta, "flow_steps": self.flow_steps}

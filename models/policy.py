@@ -61,11 +61,11 @@ class Policy(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @classmethod
-    def released_statistics(cls, pretrained: str) -> dict:
+    def released_statistics(self, pretrained: str) -> dict:
         """The dataset statistics published with the released weights `pretrained` (dataset_statistics.json's
-        format, keyed by unnorm_key): what a checkpoint of the released model un-normalizes with."""
-        raise NotImplementedError(f"{cls.__name__} has no released weights with statistics")
+        format, keyed by unnorm_key): what a checkpoint of the released model un-normalizes with. Refused when the
+        release does not make every weight of this model (a module of its own would be random)."""
+        raise NotImplementedError(f"{type(self).__name__} has no released weights with statistics")
 
     def set_statistics(self, statistics: dict, unnorm_key: str | None = None) -> None:
         """Statistics (dataset_statistics.json) used to un-normalize predictions; unnorm_key picks the dataset."""

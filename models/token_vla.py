@@ -86,8 +86,7 @@ class TokenVLA(PrismaticPolicy):
         if pretrained:
             load_openvla_weights(self, pretrained)
 
-    @classmethod
-    def released_statistics(cls, pretrained: str) -> dict:
+    def released_statistics(self, pretrained: str) -> dict:
         """OpenVLA's norm_stats, from its config.json (openvla-7b: one entry per Open X-Embodiment dataset)."""
         config = local_or_hub(pretrained, repo_type="model", what="OpenVLA checkpoint dir") / "config.json"
         if not config.is_file():
@@ -129,6 +128,8 @@ class TokenVLA(PrismaticPolicy):
         LLM pass over image and prompt, then one single-token pass per further token on the cached keys and values:
         each row's new token goes at its own next position (rows are right-padded to the longest prompt, the padding
         masked)."""
+        if self.training:  # gradient checkpointing would drop the cache, and dropout make the logits random
+            raise RuntimeError("decode_tokens needs eval mode: call .eval() first")
         llm = self.llm_backbone
         patches = self.image_patches(images)
         embeds, mask = llm.with_image(patches, *llm.tokenize(prompts, patches.device))
@@ -163,6 +164,17 @@ def load_openvla_weights(model: TokenVLA, pretrained: str) -> None:
             for pattern, replacement in OPENVLA_KEYS:
                 key = re.sub(pattern, replacement, key)
             state[key] = tensor
+    config_file = root / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    text_vocab, padding = (config.get("text_config") or {}).get("vocab_size"), config.get("pad_to_multiple_of") or 0
+    tokenizer = model.action_tokenizer
+    if text_vocab is not None and text_vocab - padding != tokenizer.vocab_size:
+        raise ValueError(
+            f"{config_file}: actions are ids below {text_vocab} - {padding} there, below {tokenizer.vocab_size} (the "
+            "tokenizer's vocabulary) here: every action id would be shifted; is llm_backbone.tokenizer OpenVLA's?"
+        )
+    if config.get("n_action_bins", tokenizer.bins) != tokenizer.bins:
+        raise ValueError(f"{config_file}: n_action_bins {config['n_action_bins']}, the model has bins={tokenizer.bins}")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [

@@ -166,6 +166,26 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
         load_policy(ckpt)
 
 
+def test_checkpoints_saved_before_the_prompt_fix_load_as_they_were_trained(tiny, tmp_path) -> None:
+    """A config.yaml without llm_backbone.strip_prompt (saved before 2026-12-02) is rebuilt with the prompt's trailing
+    space and RMSNorm eps 1e-6, as it was trained; a current one strips it, with Llama-2's eps."""
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=3)
+    current = load_policy(ckpt).llm_backbone
+    assert current.strip_prompt and current.causal_lm.config.rms_norm_eps == 1e-5
+    assert current.prompt("Push the cube").endswith("to push the cube?\nOut:")
+    legacy_cfg = OmegaConf.load(ckpt / "config.yaml")
+    del legacy_cfg.model.llm_backbone["strip_prompt"], legacy_cfg.model.llm_backbone["rms_norm_eps"]
+    (ckpt / "config.yaml").write_text(OmegaConf.to_yaml(legacy_cfg))
+    legacy = load_policy(ckpt).llm_backbone
+    assert not legacy.strip_prompt and legacy.causal_lm.config.rms_norm_eps == 1e-6
+    assert legacy.prompt("Push the cube").endswith("?\nOut: ")
+    assert (
+        legacy.tokenize(["push"], torch.device("cpu"))[0].shape[1]
+        > current.tokenize(["push"], torch.device("cpu"))[0].shape[1]
+    )
+
+
 def test_sampling_settings_are_overridden_at_load(tiny, tmp_path) -> None:
     cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=3)
@@ -406,3 +426,37 @@ def test_with_a_state_token_the_object_estimate_joins_the_token_input() -> None:
     with torch.no_grad():
         model.aux_head[2].bias.add_(1.0)  # another estimate, other actions
     assert not torch.allclose(predict(), before)
+
+
+def test_prompt_ends_as_cogacts_and_openvlas_with_a_llama_style_tokenizer(tmp_path) -> None:
+    """CogACT and OpenVLA tokenize Prismatic's prompt with its trailing space stripped ("...\\nOut:") and append the
+    empty token (Llama-2: 29871) and, for CogACT, EOS. Llama-2's tokenizer writes a trailing space as that same empty
+    token, so a prompt that kept it would carry two. Here a tokenizer with Llama-2's normalizer (prepend and replace
+    spaces by "▁"), built locally, stands in for it: the ids after the colon must be the cognition ids, once."""
+    from tokenizers import Tokenizer, normalizers
+    from tokenizers import models as token_models
+    from transformers import PreTrainedTokenizerFast
+
+    from models.cogact.llm import PROMPT, LlamaBackbone
+
+    text = "▁" + PROMPT.format("pick up the apple").replace(" ", "▁")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for char in sorted(set(text)):
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Tokenizer(token_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    assert fast("Out: ", add_special_tokens=False).input_ids[-1] == vocab["▁"]  # as Llama-2's: "Out: " ends in 29871
+    fast.save_pretrained(tmp_path / "tokenizer")
+    empty, colon = vocab["▁"], vocab[":"]
+    llm = LlamaBackbone(
+        str(tmp_path / "tokenizer"), 32, 1, 2, 64, vocab_size=len(vocab), cognition_token_ids=[empty, 2]
+    )
+    assert llm.causal_lm.config.rms_norm_eps == 1e-5  # Llama-2-7b-hf's config, which CogACT and OpenVLA build
+    ids, mask = llm.tokenize(["Pick up the apple", "push"], torch.device("cpu"))
+    first = ids[0].tolist()
+    assert first[0] == 1 and first[-3:] == [colon, empty, 2] and mask[0].all()
+    assert first[1:-2] == fast(PROMPT.format("pick up the apple").rstrip(), add_special_tokens=False).input_ids
+    assert ids[1, mask[1].sum() - 3 : mask[1].sum()].tolist() == [colon, empty, 2]

@@ -131,3 +131,14 @@ def test_official_run_exports_to_a_checkpoint_that_serves_it(official_run, tmp_p
     batch = _batch(policy)
     torch.testing.assert_close(_sample(policy, batch), _sample(source, batch))
     assert policy.unnorm_key == "toy"
+
+
+def test_export_refuses_models_the_official_weights_do_not_wholly_make(official_run, tmp_path) -> None:
+    from models.export_pretrained import export_pretrained
+
+    run_dir, _ = official_run
+    with pytest.raises(NotImplementedError, match=r"FlowVLA has no released weights"):
+        export_pretrained(tmp_path / "a", ["model=flow_tiny", f"model.pretrained={run_dir}", "unnorm_key=toy"])
+    with pytest.raises(ValueError, match=r"proprio_dim / aux_dim add modules the official CogACT weights lack"):
+        export_pretrained(tmp_path / "b", ["model=cogact_tiny", f"model.pretrained={run_dir}", "model.proprio_dim=3"])
+    assert not list(tmp_path.iterdir())

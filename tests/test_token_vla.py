@@ -147,7 +147,8 @@ def _write_openvla_dir(model: TokenVLA, root) -> dict[str, torch.Tensor]:
     index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
     stats = {"toy": _stats()["toy"], "other": {**_stats()["toy"], "num_trajectories": 9}}
-    (root / "config.json").write_text(json.dumps({"norm_stats": stats, "n_action_bins": 256}))
+    vocab = {"text_config": {"vocab_size": model.action_tokenizer.vocab_size + 64}, "pad_to_multiple_of": 64}
+    (root / "config.json").write_text(json.dumps({"norm_stats": stats, "n_action_bins": 256, **vocab}))
     return state
 
 
@@ -169,6 +170,14 @@ def test_openvla_weights_load_from_their_hf_layout(tmp_path) -> None:
         source.decode_tokens(images, ["push", "pick up the cube"]),
     )
 
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "pad_to_multiple_of": 63}))
+    with pytest.raises(ValueError, match=r"below \d+ - 63 there, below \d+ \(the tokenizer's vocabulary\) here"):
+        _token_vla(_token_cfg().model, str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_action_bins": 128}))
+    with pytest.raises(ValueError, match=r"n_action_bins 128, the model has bins=256"):
+        _token_vla(_token_cfg().model, str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(KeyError, match=r"does not match the model: missing \['(projector|vision_backbone)\."):
         _token_vla(_token_cfg().model, str(tmp_path))
@@ -192,6 +201,7 @@ def test_released_weights_export_to_a_checkpoint_that_serves_them(tmp_path) -> N
     that holds no weights of its own; load_policy rebuilds the released model and un-normalizes with that entry."""
     from models.export_pretrained import export_pretrained, main
 
+    assert _token_cfg().loader.augment  # the training default: a checkpoint of it would be served center-cropped
     torch.manual_seed(0)
     source = instantiate(_token_cfg().model).eval()
     (tmp_path / "openvla").mkdir()
@@ -211,8 +221,11 @@ def test_released_weights_export_to_a_checkpoint_that_serves_them(tmp_path) -> N
     meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
     assert meta["weights"] == "trainable_only" and meta["base"] == str(tmp_path / "openvla")
     assert meta["unnorm_key"] == "toy" and (tmp_path / "ckpt" / "model.safetensors").stat().st_size < 1024
+    with pytest.raises(FileExistsError, match=r"ckpt exists: choose another out="):
+        export_pretrained(tmp_path / "ckpt", [*overrides, "unnorm_key=other"])
     policy = load_policy(tmp_path / "ckpt")
     assert policy.unnorm_key == "toy" and sorted(policy.statistics) == ["other", "toy"]
+    assert not policy.center_crop and policy.image_roi is None  # the release trained on whole images: no crop
     source.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in source.state_dict().items()})
     source.set_statistics(_stats(), "toy")
     observation = Observation(image=np.zeros((112, 112, 3), np.uint8), prompt="pick up the cube")

@@ -21,7 +21,9 @@ PROMPT = "In: What action should the robot take to {}?\nOut: "
 class LlamaBackbone(nn.Module):
     """`tokenizer`: a Hub id or local dir (Llama-2's needs HF_TOKEN), or "tiny" for the locally built one.
     `cognition_token_ids` are appended after the prompt; the hidden state at the last one is the cognition feature
-    (Llama-2: the empty token 29871 then EOS 2, as CogACT does). null: just EOS."""
+    (Llama-2: the empty token 29871 then EOS 2, as CogACT does). null: just EOS. strip_prompt: tokenize the prompt
+    without its trailing space, as Prismatic's prompt builder gives it to CogACT and OpenVLA (false: with it, as this
+    repo's checkpoints saved before 2026-12-02 were trained; Llama-2 writes that space as a second 29871)."""
 
     def __init__(
         self,
@@ -32,7 +34,9 @@ class LlamaBackbone(nn.Module):
         intermediate_size: int = 11008,
         vocab_size: int = 32064,
         max_position_embeddings: int = 2048,
+        rms_norm_eps: float = 1e-5,
         cognition_token_ids: list[int] | None = (29871, 2),
+        strip_prompt: bool = True,
         attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
@@ -45,6 +49,7 @@ class LlamaBackbone(nn.Module):
             num_attention_heads=num_heads,
             num_key_value_heads=num_heads,
             max_position_embeddings=max_position_embeddings,
+            rms_norm_eps=rms_norm_eps,
             pad_token_id=self.tokenizer.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -54,6 +59,12 @@ class LlamaBackbone(nn.Module):
         self.hidden_size = hidden_size
         ids = cognition_token_ids if cognition_token_ids is not None else [self.tokenizer.eos_token_id]
         self.cognition_token_ids = [int(i) for i in ids]
+        self.strip_prompt = strip_prompt
+
+    def prompt(self, instruction: str) -> str:
+        """The prompt text for an instruction (before BOS and the cognition ids)."""
+        text = PROMPT.format(instruction.lower())
+        return text.rstrip() if self.strip_prompt else text
 
     def tokenize(
         self, instructions: list[str], device: torch.device, suffixes: list[list[int]] | None = None
@@ -64,7 +75,7 @@ class LlamaBackbone(nn.Module):
         rows = [
             [
                 self.tokenizer.bos_token_id,
-                *self.tokenizer(PROMPT.format(text.lower()), add_special_tokens=False).input_ids,
+                *self.tokenizer(self.prompt(text), add_special_tokens=False).input_ids,
                 *self.cognition_token_ids,
                 *suffix,
             ]
@@ -121,7 +132,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == "tiny":
         return build_tiny_tokenizer()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN"))
+        tokenizer = AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN"), trust_remote_code=False)
     except OSError as e:
         hint = "" if Path(name).is_dir() else " (gated Hub repos need HF_TOKEN set and access granted)"
         raise OSError(f"could not load tokenizer {name!r}{hint}: {e}") from e

@@ -104,10 +104,14 @@ class CogACT(PrismaticPolicy):
 
             load_official_weights(self, pretrained)
 
-    @classmethod
-    def released_statistics(cls, pretrained: str) -> dict:
+    def released_statistics(self, pretrained: str) -> dict:
         """An official run dir's dataset_statistics.json (CogACT-Base: fractal20220817_data, bridge_orig)."""
         from datasets.statistics import load_statistics
+
+        if self.proprio_dim or self.aux_dim:
+            raise ValueError(
+                "model.proprio_dim / aux_dim add modules the official CogACT weights lack: they would be random"
+            )
         from models.cogact.official import resolve_run_dir
 
         return load_statistics(resolve_run_dir(pretrained))
