@@ -2,7 +2,8 @@
 
 The same Prismatic VLM as CogACT (DINOv2 + SigLIP -> projector -> Llama-2, OpenVLA's architecture) with no action
 head: each normalized action value is one of 256 bins, written as one of the vocabulary's last 256 token ids, and
-the LLM learns them by next-token cross-entropy after the prompt; inference decodes them greedily. Like
+the LLM learns them, and the EOS after them, by next-token cross-entropy after the prompt (OpenVLA's labels);
+inference decodes them greedily. Like
 models/flow.py, it plugs in with this module and one YAML (conf/model/token_vla_tiny.yaml). The discretization and
 the token ids are OpenVLA's, and `pretrained` loads OpenVLA's released weights (conf/model/openvla.yaml).
 
@@ -99,15 +100,17 @@ class TokenVLA(PrismaticPolicy):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
         self.check_actions(actions)
-        targets = self.action_tokenizer.encode(actions.flatten(1))  # [B, n]
+        action_ids = self.action_tokenizer.encode(actions.flatten(1))  # [B, n]
+        eos = torch.full_like(action_ids[:, :1], self.llm_backbone.tokenizer.eos_token_id)
+        targets = torch.cat([action_ids, eos], dim=1)  # OpenVLA's labels: the action tokens, then EOS
         hidden, last = self.hidden_states(self.image_patches(batch["image"]), batch["prompt"], targets.tolist())
         n = targets.shape[1]
-        # Action token k of a row sits at last - n + 1 + k and is predicted from the position before it.
+        # Target k of a row sits at last - n + 1 + k and is predicted from the position before it.
         index = (last - n)[:, None] + torch.arange(n, device=hidden.device)
         predicting = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.llm_backbone.logits(predicting).float()  # [B, n, V]
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        accuracy = (logits.argmax(-1) == targets).float().mean()
+        accuracy = (logits[:, :-1].argmax(-1) == action_ids).float().mean()  # the action tokens'
         return loss, {"loss": loss.detach(), "token_accuracy": accuracy.detach()}
 
     @torch.no_grad()

@@ -54,6 +54,11 @@ def test_overfit_tokens_decode_back_to_the_actions(tmp_path) -> None:
     tokenizer = model.action_tokenizer
     np.testing.assert_array_equal(tokenizer.encode(decoded).numpy(), tokenizer.encode(batch["action"]).numpy())
     assert (decoded - batch["action"]).abs().max() <= 1 / 255 + 1e-6
+    with torch.no_grad():  # after the action tokens comes EOS, as OpenVLA's labels teach (HF generate stops there)
+        ids = tokenizer.encode(batch["action"]).flatten(1).tolist()
+        hidden, last = model.hidden_states(model.image_patches(batch["image"]), batch["prompt"], ids)
+        after = model.llm_backbone.logits(hidden[torch.arange(2), last]).argmax(dim=-1)
+    assert after.tolist() == [model.llm_backbone.tokenizer.eos_token_id] * 2
 
     cfg = OmegaConf.create({"model": OmegaConf.to_container(_token_cfg().model, resolve=True), "unnorm_key": "toy"})
     model.set_statistics(_stats())
