@@ -3,9 +3,9 @@
 The same Prismatic VLM as CogACT (DINOv2 + SigLIP -> projector -> Llama-2, OpenVLA's architecture) with no action
 head: each normalized action value is one of 256 bins, written as one of the vocabulary's last 256 token ids, and
 the LLM learns them, and the EOS after them, by next-token cross-entropy after the prompt (OpenVLA's labels);
-inference decodes them greedily. Like
-models/flow.py, it plugs in with this module and one YAML (conf/model/token_vla_tiny.yaml). The discretization and
-the token ids are OpenVLA's, and `pretrained` loads OpenVLA's released weights (conf/model/openvla.yaml).
+inference decodes them greedily. Like models/flow.py, it plugs in with this module and one YAML
+(conf/model/token_vla_tiny.yaml). The discretization and the token ids are OpenVLA's, and `pretrained` loads
+OpenVLA's released weights (conf/model/openvla.yaml).
 
 OpenVLA's HF checkpoint (openvla/openvla-7b): config.json (with norm_stats) and model*.safetensors (one file or
 shards) holding `vision_backbone.{featurizer,fused_featurizer}.*` (timm keys, LayerScale `gamma` renamed
@@ -161,12 +161,7 @@ def load_openvla_weights(model: TokenVLA, pretrained: str) -> None:
     files = sorted(root.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{root} holds no model*.safetensors (OpenVLA's HF layout)")
-    state = {}
-    for file in files:
-        for key, tensor in load_file(str(file)).items():
-            for pattern, replacement in OPENVLA_KEYS:
-                key = re.sub(pattern, replacement, key)
-            state[key] = tensor
+    # The vocabulary and bins first (config.json), before reading the shards (15 GB for openvla-7b).
     config_file = root / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     text_vocab, padding = (config.get("text_config") or {}).get("vocab_size"), config.get("pad_to_multiple_of") or 0
@@ -178,6 +173,12 @@ def load_openvla_weights(model: TokenVLA, pretrained: str) -> None:
         )
     if config.get("n_action_bins", tokenizer.bins) != tokenizer.bins:
         raise ValueError(f"{config_file}: n_action_bins {config['n_action_bins']}, the model has bins={tokenizer.bins}")
+    state = {}
+    for file in files:
+        for key, tensor in load_file(str(file)).items():
+            for pattern, replacement in OPENVLA_KEYS:
+                key = re.sub(pattern, replacement, key)
+            state[key] = tensor
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [
