@@ -76,6 +76,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> N
     assert full.returncode == 0, full.stderr[-3000:]
     first = _run_train(tmp_path / "part", *common, "max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
+    # Resuming with other settings (here the defaults' lr and scheduler) is refused before anything is touched.
+    state = (tmp_path / "part" / "run" / "state" / "trainer.json").read_text()
+    other = _run_train(tmp_path / "part", "debug=smoke", "log_every=1", "max_steps=6", "resume=true")
+    assert other.returncode != 0
+    assert "scheduler._target_" in other.stderr and "python train.py debug=smoke scheduler=constant" in other.stderr
+    assert (tmp_path / "part" / "run" / "state" / "trainer.json").read_text() == state
     resumed = _run_train(tmp_path / "part", *common, "max_steps=6", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 3" in resumed.stdout

@@ -13,10 +13,26 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
 
 from datasets.atomic import replace_dir, write_json_atomic
 
 STEP_PREFIX = "step_"
+# Top-level keys a resumed run may change: how long it runs and what it records, not what or how it trains.
+RESUMABLE_KEYS = frozenset(
+    {
+        "resume",
+        "device",
+        "max_steps",
+        "log_every",
+        "save_every",
+        "val_every",
+        "val_batches",
+        "checkpoint",
+        "logger",
+        "paths",
+    }
+)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -66,11 +82,54 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, trainer_state: 
     accelerator.wait_for_everyone()
 
 
-def load_training_state(accelerator: Accelerator, run_dir: Path) -> dict:
+def _flatten(tree: object, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def run_settings(cfg: DictConfig) -> dict:
+    """What the run trains and how, as {dotted key: resolved value}: every key of cfg but RESUMABLE_KEYS."""
+    tree = {}
+    for key in cfg:
+        if key in RESUMABLE_KEYS:
+            continue
+        node = cfg[key]
+        tree[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return json.loads(json.dumps(_flatten(tree)))  # as trainer.json stores them (tuples become lists)
+
+
+def check_resume_settings(trainer_state: dict, cfg: DictConfig, run_dir: Path) -> None:
+    """A resumed run trains with the settings its first part did (a different batch size would also shift the data
+    position): ValueError naming every setting that differs, with the command line the run was started with."""
+    saved = trainer_state.get("settings")
+    if saved is None:  # a state saved before the settings were recorded
+        return
+    now = run_settings(cfg)
+    differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    if not differ:
+        return
+    rows = "\n".join(
+        f"  {k}: the run has {saved.get(k, '<unset>')!r}, this command {now.get(k, '<unset>')!r}" for k in differ
+    )
+    overrides = " ".join(trainer_state.get("overrides") or [])
+    raise ValueError(
+        f"resume=true continues {run_dir} with the settings it started with, but these differ:\n{rows}\n"
+        f"Start it as it was started: python train.py {overrides} resume=true hydra.run.dir={run_dir} "
+        f"(only {', '.join(sorted(RESUMABLE_KEYS - {'resume'}))} may change on resume)"
+    )
+
+
+def read_trainer_state(run_dir: Path) -> dict:
+    """<run>/state/trainer.json: step, data position, best metric, the run's settings and command-line overrides."""
     state_dir = run_dir / "state"
     if not (state_dir / "trainer.json").is_file():
         raise FileNotFoundError(
             f"resume=true but {state_dir} holds no training state; point hydra.run.dir at the run to continue"
         )
-    accelerator.load_state(str(state_dir))
     return json.loads((state_dir / "trainer.json").read_text())
+
+
+def load_training_state(accelerator: Accelerator, run_dir: Path) -> None:
+    """Model, optimizer, scheduler and every rank's RNG from <run>/state."""
+    accelerator.load_state(str(run_dir / "state"))

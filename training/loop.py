@@ -34,7 +34,14 @@ from datasets.statistics import STATISTICS_FILE
 from models.checkpoint import save_checkpoint
 from models.finetune import apply_finetune_mode
 from models.policy import Policy
-from training.checkpoints import load_training_state, prune_checkpoints, save_training_state
+from training.checkpoints import (
+    check_resume_settings,
+    load_training_state,
+    prune_checkpoints,
+    read_trainer_state,
+    run_settings,
+    save_training_state,
+)
 from training.validation import validate
 
 
@@ -112,6 +119,13 @@ def _loader_config(cfg: DictConfig, model: Policy) -> LoaderConfig:
     )
 
 
+def _command_line_overrides() -> list[str] | None:
+    """The overrides train.py was started with (Hydra's task overrides), or None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
 def _accelerator(cfg: DictConfig) -> Accelerator:
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     # Some parameters are not used at every step (the CFG `uncondition` token only when dropout picks it; the
@@ -156,6 +170,10 @@ def train(cfg: DictConfig) -> dict:
     accelerator = _accelerator(cfg)
     set_seed(cfg.seed, device_specific=True)
     run_dir = Path(cfg.paths.output_dir)
+    resumed = read_trainer_state(run_dir) if cfg.resume else None
+    if resumed is not None:
+        check_resume_settings(resumed, cfg, run_dir)
+    overrides = resumed.get("overrides") if resumed is not None else _command_line_overrides()
 
     # Fail fast, before any long step: data layout and sizes, then the model (base weights, HF_TOKEN), then statistics.
     with accelerator.main_process_first():
@@ -185,9 +203,9 @@ def train(cfg: DictConfig) -> dict:
     policy: Policy = accelerator.unwrap_model(model)
 
     step, micro_batches, best = 0, 0, math.inf
-    if cfg.resume:
-        trainer_state = load_training_state(accelerator, run_dir)
-        step, micro_batches, best = trainer_state["step"], trainer_state["micro_batches"], trainer_state["best"]
+    if resumed is not None:
+        load_training_state(accelerator, run_dir)
+        step, micro_batches, best = resumed["step"], resumed["micro_batches"], resumed["best"]
         accelerator.print(f"resumed at step {step} from {run_dir / 'state'}")
 
     loader_cfg = _loader_config(cfg, policy)
@@ -207,6 +225,7 @@ def train(cfg: DictConfig) -> dict:
         accelerator.print("validation is skipped under FSDP2 (sharded weights); evaluate the checkpoints instead")
         val_data = None
     keys = [s.key for s in sources]
+    settings = run_settings(cfg)
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
     # The checkpoint says what it trained on: the statistics it un-normalizes with, and the camera resolution of
@@ -276,6 +295,7 @@ def train(cfg: DictConfig) -> dict:
                 )
                 prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, cfg.checkpoint.metric)
             state = {"step": step, "micro_batches": micro_batches, "best": best, "checkpoint": str(checkpoint)}
+            state.update(settings=settings, overrides=overrides)
             save_training_state(accelerator, run_dir, state)
     progress.close()
     logger.close()
