@@ -283,12 +283,15 @@ def _named_errors(source: RLDSSource, records: Iterator[dict]) -> Iterator[dict]
 
 
 def dataset_fingerprint(source: RLDSSource) -> str:
-    """Hash of the dataset's files (names, sizes, dataset_info.json) and of what shapes the statistics."""
+    """Hash of the dataset's files (names, sizes, modification times, dataset_info.json) and of what shapes the
+    statistics. The time is what tells a rebuilt dataset from the old one: new action values of the same byte size
+    (a flipped gripper, a rescaled dx) keep every name and size."""
     path = source.path
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
         if file.is_file():
-            digest.update(f"{file.name}:{file.stat().st_size};".encode())
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     digest.update((path / "dataset_info.json").read_bytes())
     digest.update(
         json.dumps(

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from datasets.rlds import (
     _roi_crop,
     compute_all_statistics,
     compute_statistics,
+    dataset_fingerprint,
     iterate_torch,
     make_frame_dataset,
     open_builder,
@@ -49,6 +52,19 @@ def test_statistics_cover_every_episode_and_are_cached(sample_rlds, tmp_path) ->
     cached = list(tmp_path.iterdir())
     assert len(cached) == 1
     assert compute_statistics(source, 7, tmp_path) == stats
+
+
+def test_a_rebuilt_dataset_of_the_same_size_is_not_taken_for_the_cached_one(sample_rlds, tmp_path) -> None:
+    root = tmp_path / "rlds"
+    shutil.copytree(sample_rlds, root)
+    source = RLDSSource(name="sample", data_dir=str(root))
+    before = dataset_fingerprint(source)
+    assert dataset_fingerprint(source) == before
+    shard = next((root / "sample" / "1.0.0").glob("*.tfrecord-*"))
+    content = shard.read_bytes()
+    shard.write_bytes(content)  # rewritten: same name, same size
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1_000_000))
+    assert dataset_fingerprint(source) != before
 
 
 def test_libero_transform_inverts_gripper(sample_rlds, tmp_path) -> None:
