@@ -73,8 +73,9 @@ def save_checkpoint(
     try:
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(tmp / STATISTICS_FILE, statistics)
-        unnorm_key = cfg.get("unnorm_key") or next(iter(statistics))
-        write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
+        unnorm_key = cfg.get("unnorm_key") or (next(iter(statistics)) if len(statistics) == 1 else None)
+        if unnorm_key is not None:  # openpi's file holds one dataset's statistics
+            write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
         state = state_dict if state_dict is not None else model.state_dict()
         if trainable_only:
             trained = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,21 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         (ckpt / "model.safetensors").unlink()
         load_policy(ckpt)
+
+
+def test_a_mixture_checkpoint_without_unnorm_key_asks_for_one(tiny, tmp_path) -> None:
+    """Statistics of several datasets and no unnorm_key named in training: loading refuses to pick one (DESIGN 3)."""
+    stats = {"toy": _stats()["toy"], "other": {**_stats()["toy"], "num_trajectories": 9}}
+    stats["other"]["action"] = {**stats["other"]["action"], "q99": [3.0] * 7}
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": None})
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, stats, step=1)
+    assert json.loads((ckpt / "meta.json").read_text())["unnorm_key"] is None
+    assert not (ckpt / "norm_stats.json").exists()  # openpi's file holds one dataset
+    with pytest.raises(ValueError, match=r"several datasets \['other', 'toy'\]: pass unnorm_key="):
+        load_policy(ckpt)
+    assert load_policy(ckpt, unnorm_key="other").metadata()["unnorm_key"] == "other"
+    named = save_checkpoint(tmp_path / "named", tiny, OmegaConf.merge(cfg, {"unnorm_key": "other"}), stats, step=1)
+    assert load_policy(named).unnorm_key == "other" and (named / "norm_stats.json").is_file()
 
 
 def test_checkpoints_saved_before_the_prompt_fix_load_as_they_were_trained(tiny, tmp_path) -> None:

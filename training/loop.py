@@ -189,8 +189,15 @@ def train(cfg: DictConfig) -> dict:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
     lora = cfg.finetune.get("lora")
     counts = apply_finetune_mode(model, cfg.finetune.mode, OmegaConf.to_container(lora) if lora is not None else None)
-    unnorm_key = cfg.unnorm_key or sources[0].key
-    model.set_statistics(statistics, unnorm_key)
+    # Which statistics the checkpoint un-normalizes with: the one key, or the one named. With several and none named
+    # the checkpoint names none, and serving it asks for unnorm_key= (as CogACT and OpenVLA do).
+    unnorm_key = cfg.unnorm_key or (next(iter(statistics)) if len(statistics) == 1 else None)
+    if unnorm_key is None:
+        accelerator.print(
+            f"the statistics hold {len(statistics)} datasets {sorted(statistics)} and unnorm_key is null: serve.py and "
+            "eval_maniskill.py will need unnorm_key=<one of them>"
+        )
+    model.set_statistics(statistics, unnorm_key or sources[0].key)
     accelerator.print(
         f"model: {type(model).__name__} {counts['total'] / 1e6:.2f}M params, {counts['trainable'] / 1e6:.2f}M trainable"
     )
