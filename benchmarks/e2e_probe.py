@@ -66,7 +66,7 @@ def probe_episode(policy, robot: dict, seed: int, execute_steps: int, max_steps:
     xyz action over its first 4 steps changes when the state's goal moves GOAL_SHIFT along x, y and z ([3 shifts,
     3 action dims], in the policy's units, which robot=maniskill_panda maps 1:1 to the env's: 1 = 10 cm), taken at
     the first grasped step (else the last), "where"."""
-    from serving.observation import adapt_observation
+    from serving.observation import policy_observation
     from sim.actions import to_env_action
     from sim.maniskill import default_prompt, make_eval_env
 
@@ -77,7 +77,7 @@ def probe_episode(policy, robot: dict, seed: int, execute_steps: int, max_steps:
 
     def adapt(obs: dict):
         message = {**obs, "prompt": default_prompt(PROMPT_TASK)}
-        return adapt_observation(message, keys, policy.image_size, crop=policy.center_crop, roi=policy.image_roi)
+        return policy_observation(message, keys, policy)
 
     def to_goal() -> float:
         return float(np.linalg.norm((task.goal_site.pose.p[0] - task.cube.pose.p[0]).numpy()))

@@ -62,11 +62,16 @@ def check_roi(roi: object) -> tuple[float, float, float, float] | None:
     return values
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+def resize_square(image: np.ndarray, size: int, max_bilinear_factor: float = 1.0) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3], the aspect ratio not kept (as OpenVLA and CogACT resize theirs): how
-    the RLDS builder stores frames and the server resizes clients' images, a non-square camera alike in both."""
+    the RLDS builder stores frames and the server resizes clients' images, a non-square camera alike in both.
+    Bilinear, unless the image is more than max_bilinear_factor times larger on its shorter side: then area-averaged
+    (a bilinear kernel would alias). The builder averages any shrinking; the server resamples bilinearly up to 2x,
+    as the training loader resamples a stored frame (tf.image.resize, bilinear without antialias: cv2's bilinear
+    agrees within one level), so a client sending frames at the dataset's resolution gets the training pixels."""
     height, width = image.shape[:2]
     if (height, width) == (size, size):
         return np.array(image)  # a copy: arrays decoded from msgpack are read-only
-    interpolation = cv2.INTER_AREA if size < min(height, width) else cv2.INTER_LINEAR
+    shrink = min(height, width) / size
+    interpolation = cv2.INTER_AREA if shrink > max_bilinear_factor else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interpolation)

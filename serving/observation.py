@@ -8,15 +8,18 @@ when they do not send it. `image` and `prompt` are required; `wrist_image` and `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
-import cv2
 import numpy as np
 
 from datasets.crop import center_crop_box, resize_square, roi_box
-from models.policy import Observation
+from models.policy import Observation, Policy
 
 REQUIRED = ("image", "prompt")
+# Up to this shrink factor the server resamples bilinearly when it does not know the dataset's resolution (a
+# checkpoint without robot.camera_size); beyond it, it averages (datasets.crop.resize_square).
+LOADER_BILINEAR_FACTOR = 2.0
 OPTIONAL = ("wrist_image", "state")
 _FORMS = {
     "image": "uint8 [H, W, 3] (or float in [0, 1])",
@@ -30,23 +33,21 @@ class ObservationError(ValueError):
     """The client's message does not have the expected form; the text is meant for the client."""
 
 
-def expected_form(observation_keys: Mapping[str, str | None]) -> str:
+def required_fields(state_dim: int | None) -> tuple[str, ...]:
+    """The canonical names a client must send: REQUIRED, and the state to a model that reads one."""
+    return (*REQUIRED, "state") if state_dim else REQUIRED
+
+
+def expected_form(observation_keys: Mapping[str, str | None], state_dim: int | None = None) -> str:
     """The message a client must send, e.g. '{"image": uint8 [H, W, 3] (or float in [0, 1]), "prompt": str}'."""
+    required = required_fields(state_dim)
+    forms = {**_FORMS, "state": f"float [{state_dim}]"} if state_dim else _FORMS
 
     def fields(names: tuple[str, ...]) -> str:
-        return ", ".join(f'"{observation_keys[n]}": {_FORMS[n]}' for n in names if observation_keys.get(n))
+        return ", ".join(f'"{observation_keys[n]}": {forms[n]}' for n in names if observation_keys.get(n))
 
-    optional = fields(OPTIONAL)
-    return "{" + fields(REQUIRED) + "}" + (f" (optional: {optional})" if optional else "")
-
-
-def center_crop(image: np.ndarray) -> np.ndarray:
-    """uint8 [S, S, 3] -> the central crop of datasets.crop.CROP_AREA of its area, resized back to [S, S, 3]: what a
-    model trained on random crops saw, on average."""
-    height, width = image.shape[:2]
-    top, left, crop_h, crop_w = center_crop_box(height, width)
-    crop = np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w])
-    return cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
+    optional = fields(tuple(n for n in OPTIONAL if n not in required))
+    return "{" + fields(required) + "}" + (f" (optional: {optional})" if optional else "")
 
 
 def _describe(value: object) -> str:
@@ -55,15 +56,29 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _image(value: object, field: str, size: int, crop: bool, roi: Sequence[float] | None = None) -> np.ndarray:
+def _image(
+    value: object,
+    field: str,
+    size: int,
+    crop: bool,
+    roi: Sequence[float] | None = None,
+    stored_size: int | None = None,
+) -> np.ndarray:
     if not isinstance(value, np.ndarray) or value.ndim != 3 or value.shape[2] != 3 or 0 in value.shape:
         raise ObservationError(f'"{field}" must be an image {_FORMS["image"]}, got {_describe(value)}')
     if value.dtype == np.uint8:
+        # The path of a training frame: stored by the RLDS builder at the dataset's resolution (area-averaged down
+        # to it), cropped (the region of interest, then the central crop of a model trained on random crops, both
+        # fractions of the image), then resampled once, bilinearly, to the model's square by the loader.
+        if stored_size and max(value.shape[:2]) > stored_size:
+            value = resize_square(value, stored_size)
         if roi is not None:
             top, left, height, width = roi_box(value.shape[0], value.shape[1], roi)
             value = value[top : top + height, left : left + width]
-        image = resize_square(value, size)
-        return center_crop(image) if crop else image
+        if crop:
+            top, left, height, width = center_crop_box(value.shape[0], value.shape[1])
+            value = value[top : top + height, left : left + width]
+        return resize_square(value, size, max_bilinear_factor=math.inf if stored_size else LOADER_BILINEAR_FACTOR)
     if value.dtype.kind != "f":
         raise ObservationError(f'"{field}" must be uint8 or float in [0, 1], got {value.dtype}')
     if not np.isfinite(value).all():
@@ -71,16 +86,20 @@ def _image(value: object, field: str, size: int, crop: bool, roi: Sequence[float
     low, high = float(value.min()), float(value.max())
     if low < 0 or high > 1:
         raise ObservationError(f'"{field}" is float, so it must lie in [0, 1]; got values in [{low:g}, {high:g}]')
-    return _image(np.round(value * 255).astype(np.uint8), field, size, crop, roi)
+    return _image(np.round(value * 255).astype(np.uint8), field, size, crop, roi, stored_size)
 
 
-def _state(value: object, field: str) -> np.ndarray:
+def _state(value: object, field: str, size: int | None) -> np.ndarray:
     try:
         state = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
         raise ObservationError(f'"{field}" must be {_FORMS["state"]}, got {_describe(value)}') from None
     if state.ndim != 1:
         raise ObservationError(f'"{field}" must be {_FORMS["state"]}, got shape {list(state.shape)}')
+    if size is not None and len(state) != size:
+        raise ObservationError(
+            f'"{field}" must hold the {size} values of the robot state the model reads, got {len(state)}'
+        )
     if not np.isfinite(state).all():
         raise ObservationError(f'"{field}" contains NaN or inf')
     return state
@@ -92,11 +111,16 @@ def adapt_observation(
     image_size: int,
     crop: bool = False,
     roi: Sequence[float] | None = None,
+    state_dim: int | None = None,
+    stored_size: int | None = None,
 ) -> Observation:
     """Validate a decoded client message and build the canonical observation (images at image_size px square; with
     crop, the central crop a model trained on random crops expects; with roi, the external image's region of interest
-    first, as in training)."""
-    missing = [observation_keys[n] for n in REQUIRED if observation_keys.get(n) and observation_keys[n] not in message]
+    first, as in training). state_dim: the state size of a model that reads one; the state is then required.
+    stored_size: px of the dataset's frames (the longer side; robot.camera_size of a checkpoint), to resample the
+    external image as its training frames were."""
+    required = required_fields(state_dim)
+    missing = [observation_keys[n] for n in required if observation_keys.get(n) and observation_keys[n] not in message]
     if missing:
         raise ObservationError(f"missing {', '.join(repr(k) for k in missing)}")
     prompt_key = observation_keys["prompt"]
@@ -110,8 +134,22 @@ def adapt_observation(
 
     wrist, state = optional("wrist_image"), optional("state")
     return Observation(
-        image=_image(message[observation_keys["image"]], observation_keys["image"], image_size, crop, roi),
+        image=_image(message[observation_keys["image"]], observation_keys["image"], image_size, crop, roi, stored_size),
         prompt=prompt,
         wrist_image=None if wrist is None else _image(wrist, observation_keys["wrist_image"], image_size, crop),
-        state=None if state is None else _state(state, observation_keys["state"]),
+        state=None if state is None else _state(state, observation_keys["state"], state_dim),
+    )
+
+
+def policy_observation(message: Mapping, observation_keys: Mapping[str, str | None], policy: Policy) -> Observation:
+    """adapt_observation with what the policy trained on: its square, crop, region of interest, state size and
+    dataset resolution."""
+    return adapt_observation(
+        message,
+        observation_keys,
+        policy.image_size,
+        policy.center_crop,
+        policy.image_roi,
+        policy.proprio_dim,
+        policy.camera_size,
     )

@@ -49,7 +49,7 @@ from websockets.http11 import Request, Response
 
 from models.ensemble import AdaptiveEnsembler
 from models.policy import Observation, Policy
-from serving.observation import REQUIRED, ObservationError, adapt_observation, expected_form
+from serving.observation import REQUIRED, ObservationError, expected_form, policy_observation, required_fields
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,12 @@ class PolicyServer:
             raise ValueError(
                 f"robot.observation_keys must name the client key of {unmapped}; got {dict(observation_keys)}"
             )
+        if policy.proprio_dim and not observation_keys.get("state"):
+            raise ValueError(
+                f"the model reads a robot state of {policy.proprio_dim} values (model.proprio_dim) but "
+                f"robot.observation_keys.state is null: name the key its clients send it under, e.g. "
+                f"robot.observation_keys.state=observation/state; got {dict(observation_keys)}"
+            )
         self.policy = policy
         self.observation_keys = dict(observation_keys)
         self.api_key = api_key
@@ -114,13 +120,14 @@ class PolicyServer:
             **policy_metadata,
             "unnorm_key": policy_metadata.get("unnorm_key") or unnorm_key,
             "observation_keys": {name: key for name, key in self.observation_keys.items() if key},
-            "required_observation_keys": [self.observation_keys[name] for name in REQUIRED],
+            "required_observation_keys": [self.observation_keys[n] for n in required_fields(policy.proprio_dim)],
             "image_size": policy.image_size,
             "accepts_reset": True,  # openpi servers do not know {"reset": true}; clients check this before sending it
             "reply_horizon": 1 if self.ensemble else policy.action_horizon,
         }
         self._expected = (
-            f'Expected a binary msgpack-numpy map {expected_form(self.observation_keys)}, or {{"reset": true}}.'
+            f"Expected a binary msgpack-numpy map {expected_form(self.observation_keys, policy.proprio_dim)}, "
+            'or {"reset": true}.'
         )
         self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -204,9 +211,7 @@ class PolicyServer:
             await self._in_worker("reset", self.policy.reset)
             return {"status": "reset"}
         try:
-            observation = adapt_observation(
-                data, self.observation_keys, self.policy.image_size, self.policy.center_crop, self.policy.image_roi
-            )
+            observation = policy_observation(data, self.observation_keys, self.policy)
         except ObservationError as error:
             raise self._bad_request(str(error)) from None
         assert self._queue is not None, "the server is not running"

@@ -4,6 +4,7 @@ import itertools
 import os
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -102,6 +103,28 @@ def test_held_out_frames_of_an_augmented_model_see_the_central_crop() -> None:
     plain = decode[False]({"image": encoded}, seed)["image"].numpy()
     cropped = decode[True]({"image": encoded}, seed)["image"].numpy()
     assert plain[0].max() < 60 and cropped.min() > 190
+
+
+@pytest.mark.parametrize("size", [224, 112])
+@pytest.mark.parametrize("augment", [False, True])
+def test_served_frames_are_the_validation_frames(size: int, augment: bool) -> None:
+    """A client sending frames at the dataset's resolution (256) gets the pixels the loader's held-out frames have:
+    the central crop of a model trained on random crops cut before the one resampling, with the loader's kernel."""
+    rng = np.random.default_rng(0)
+    frame = cv2.resize(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), (256, 256), interpolation=cv2.INTER_LINEAR)
+    encoded = tf.io.encode_jpeg(frame, quality=100)
+    held_out = _decode(LoaderConfig(image_size=size, augment=augment), train=False)
+    validation = held_out({"image": encoded}, tf.constant([1, 2], tf.int64))["image"].numpy().astype(np.int16)
+    keys = {"image": "image", "prompt": "prompt"}
+    message = {"image": tf.io.decode_jpeg(encoded).numpy(), "prompt": "p"}
+    served = adapt_observation(message, keys, size, crop=augment, stored_size=256).image
+    difference = np.abs(served.astype(np.int16) - validation)
+    assert difference.mean() < 0.3 and difference.max() <= 2, (difference.mean(), difference.max())
+    # A camera of twice the dataset's resolution: served as the frame the builder stored of it (before its JPEG).
+    camera = cv2.resize(frame, (512, 512), interpolation=cv2.INTER_LINEAR)
+    served = adapt_observation({**message, "image": camera}, keys, size, crop=augment, stored_size=256).image
+    stored = {**message, "image": _resize(camera[None], 256)[0]}
+    np.testing.assert_array_equal(served, adapt_observation(stored, keys, size, crop=augment, stored_size=256).image)
 
 
 def test_region_of_interest_and_crop_are_alike_in_training_and_serving() -> None:

@@ -385,6 +385,24 @@ def test_adapter_maps_client_keys_and_accepts_float_images() -> None:
     assert obs.state.dtype == np.float32 and obs.state.shape == (8,)
     with pytest.raises(ObservationError, match='"observation/state" contains NaN'):
         adapt_observation({**message, "observation/state": [np.nan] * 8}, LIBERO_KEYS, 32)
+    # A model that reads an 8-value state: the state is required, and of its size.
+    assert adapt_observation(message, LIBERO_KEYS, 32, state_dim=8).state.shape == (8,)
+    with pytest.raises(ObservationError, match=r'"observation/state" must hold the 8 values .* got 7'):
+        adapt_observation({**message, "observation/state": [0.1] * 7}, LIBERO_KEYS, 32, state_dim=8)
+    without = {k: v for k, v in message.items() if k != "observation/state"}
+    with pytest.raises(ObservationError, match="missing 'observation/state'"):
+        adapt_observation(without, LIBERO_KEYS, 32, state_dim=8)
+    assert adapt_observation(without, LIBERO_KEYS, 32).state is None
+
+
+def test_a_model_reading_a_state_needs_a_client_key_for_it() -> None:
+    policy = FakePolicy()
+    policy.proprio_dim = 8
+    with pytest.raises(ValueError, match=r"robot\.observation_keys\.state is null"):
+        PolicyServer(policy, KEYS)
+    server = PolicyServer(policy, {**KEYS, "state": "state"})
+    assert server.metadata["required_observation_keys"] == ["image", "prompt", "state"]
+    assert '"state": float [8]}' in server._expected
 
 
 def test_models_trained_on_random_crops_get_the_central_crop() -> None:

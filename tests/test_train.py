@@ -207,7 +207,7 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     from types import SimpleNamespace
 
     from datasets.rlds import RLDSSource
-    from training.loop import check_input_sizes
+    from training.loop import check_input_sizes, check_robot_keys
 
     source = RLDSSource(name="mine", data_dir="/nowhere", aux_key="observation/object_pos")
     stats = {"mine": {"proprio": {"q01": [0.0] * 8}, "aux": {"q01": [0.0] * 6}}}
@@ -218,3 +218,8 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     no_state = RLDSSource(name="mine", data_dir="/nowhere", state_key=None)
     with pytest.raises(ValueError, match=r"model.proprio_dim=8 but dataset 'mine' sets no state_key"):
         check_input_sizes(SimpleNamespace(proprio_dim=8, aux_dim=None), [no_state], {"mine": {}})
+    keys = {"image": "image", "prompt": "prompt", "state": None}
+    check_robot_keys(SimpleNamespace(proprio_dim=None), OmegaConf.create({"observation_keys": keys}))
+    with pytest.raises(ValueError, match=r"model.proprio_dim=8 but robot.observation_keys.state is null"):
+        check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": keys}))
+    check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": {**keys, "state": "s"}}))

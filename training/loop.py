@@ -139,6 +139,15 @@ def _accelerator(cfg: DictConfig) -> Accelerator:
     )
 
 
+def check_robot_keys(model: Policy, robot: DictConfig) -> None:
+    """A model that reads a state can be served it: the robot names the key its clients send it under."""
+    if model.proprio_dim and not (robot.get("observation_keys") or {}).get("state"):
+        raise ValueError(
+            f"model.proprio_dim={model.proprio_dim} but robot.observation_keys.state is null: the server could not "
+            "read the state from clients; name their key, e.g. robot.observation_keys.state=observation/state"
+        )
+
+
 def check_input_sizes(model: Policy, sources: list, statistics: dict) -> None:
     """The sizes of the optional inputs (proprio state, auxiliary target) a model takes agree with every dataset's."""
     for attribute, entry, key_field in (("proprio_dim", "proprio", "state_key"), ("aux_dim", "aux", "aux_key")):
@@ -182,6 +191,7 @@ def train(cfg: DictConfig) -> dict:
     model: Policy = instantiate(cfg.model)
     if model.action_dim != cfg.robot.action_dim:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
+    check_robot_keys(model, cfg.robot)
     with accelerator.main_process_first():
         statistics = compute_all_statistics(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
     check_input_sizes(model, sources, statistics)
