@@ -27,6 +27,13 @@ def main(cfg: DictConfig) -> None:
         )
     except ValueError as error:
         raise SystemExit(f"serve.py: {error}") from None
+    # The ensembled gripper is snapped back to the robot's open or closed value, as CogACT's adapters do.
+    gripper = robot.get("gripper")
+    ensemble = {
+        "horizon": cfg.ensemble.horizon,
+        "alpha": cfg.ensemble.alpha,
+        "gripper": None if gripper is None else (float(gripper.closed), float(gripper.open)),
+    }
     server = PolicyServer(
         policy,
         robot.observation_keys,
@@ -36,7 +43,7 @@ def main(cfg: DictConfig) -> None:
         max_wait_ms=cfg.batching.max_wait_ms,
         workers=cfg.batching.workers,
         max_message_bytes=int(cfg.max_message_mb * 2**20),
-        ensemble={"horizon": cfg.ensemble.horizon, "alpha": cfg.ensemble.alpha} if cfg.ensemble.enabled else None,
+        ensemble=ensemble if cfg.ensemble.enabled else None,
     )
 
     def on_ready(port: int) -> None:

@@ -9,12 +9,16 @@ import numpy as np
 
 
 class AdaptiveEnsembler:
-    """K: how many chunks are kept (CogACT: 2 for the Google robot, 7 for Bridge); alpha: similarity temperature."""
+    """K: how many chunks are kept (CogACT: 2 for the Google robot, 7 for Bridge); alpha: similarity temperature;
+    gripper: (closed, open) values of the last dimension, to which the blend is snapped back (the nearer one), as
+    CogACT's adapters re-binarize it: a blend of open and closed is no command the policy gave; None: left blended."""
 
-    def __init__(self, horizon: int = 7, alpha: float = 0.1) -> None:
+    def __init__(self, horizon: int = 7, alpha: float = 0.1, gripper: tuple[float, float] | None = None) -> None:
         if horizon < 1:
             raise ValueError(f"ensemble horizon must be >= 1, got {horizon}")
-        self.alpha = alpha
+        if gripper is not None and gripper[0] == gripper[1]:
+            raise ValueError(f"the gripper's closed and open values must differ, got {gripper}")
+        self.alpha, self.gripper = alpha, gripper
         self.history: deque[np.ndarray] = deque(maxlen=horizon)
 
     def reset(self) -> None:
@@ -30,4 +34,8 @@ class AdaptiveEnsembler:
         reference = now[0]
         cosine = now @ reference / (np.linalg.norm(now, axis=1) * np.linalg.norm(reference) + 1e-7)
         weights = np.exp(self.alpha * cosine)
-        return (weights[:, None] * now).sum(0) / weights.sum()
+        action = (weights[:, None] * now).sum(0) / weights.sum()
+        if self.gripper is not None:
+            closed, opened = self.gripper
+            action[-1] = opened if abs(action[-1] - opened) <= abs(action[-1] - closed) else closed
+        return action

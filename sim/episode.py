@@ -265,7 +265,8 @@ def evaluate(
     def execution() -> ChunkExecution:
         ensembler = None
         if settings.ensemble_horizon is not None:
-            ensembler = AdaptiveEnsembler(settings.ensemble_horizon, settings.ensemble_alpha)
+            gripper = (float(robot["gripper"]["closed"]), float(robot["gripper"]["open"]))
+            ensembler = AdaptiveEnsembler(settings.ensemble_horizon, settings.ensemble_alpha, gripper)
         return ChunkExecution(settings.execute_steps, ensembler)
 
     executions = [execution() for _ in clients]

@@ -61,6 +61,12 @@ def test_cosine_schedule_matches_its_definition() -> None:
     assert betas.shape == (100,) and float(betas.max()) <= 0.999 and float(betas.min()) > 0
     diffusion = GaussianDiffusion(100)
     assert diffusion.ddim_timesteps(10) == [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]
+    assert diffusion.ddim_timesteps(3) == [68, 34, 0]  # ADM's "ddim3": the smallest stride giving exactly 3
+    assert len(diffusion.ddim_timesteps(7)) == 7 and len(diffusion.ddim_timesteps(100)) == 100
+    with pytest.raises(ValueError, match=r"ddim_steps=30: .* possible: \[1, 2, .* 25, 34, 50, 100\]"):
+        diffusion.ddim_timesteps(30)
+    with pytest.raises(InstantiationException, match="ddim_steps=40"):
+        instantiate(_model_cfg(ddim_steps=40).model)
     bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
     assert float(diffusion.alphas_cumprod[49]) == pytest.approx(bar(0.5) / bar(0.0), rel=1e-6)
 

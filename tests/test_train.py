@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -223,3 +224,29 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     with pytest.raises(ValueError, match=r"model.proprio_dim=8 but robot.observation_keys.state is null"):
         check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": keys}))
     check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": {**keys, "state": "s"}}))
+
+
+def test_validation_loss_does_not_depend_on_the_global_rng(sample_rlds) -> None:
+    """The validation loss draws its noise from a fixed seed (keep_best and sweeps compare like with like) and leaves
+    training's RNG stream where it was."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from datasets.rlds import LoaderConfig, RLDSSource, compute_statistics, make_frame_dataset
+    from training.validation import validate
+
+    source = RLDSSource(name="sample", data_dir=str(sample_rlds))
+    stats = {"sample": compute_statistics(source, 7, None)}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        policy = instantiate(compose("train", overrides=["model=cogact_tiny"]).model)
+    policy.set_statistics(stats)
+    cfg = LoaderConfig(image_size=policy.image_size, window=policy.action_horizon, batch_size=4, val_fraction=0.2)
+    held_out = make_frame_dataset([source], stats, cfg, split="val")
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        results.append(validate(policy, held_out, stats, ["sample"], max_batches=3))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert results[0] == results[1] and np.isfinite(results[0]["val/loss"])

@@ -26,7 +26,13 @@ def validate(
     for i, batch in enumerate(iterate_torch(dataset)):
         if i >= max_batches:
             break
-        loss, parts = model.compute_loss(batch)
+        # The loss's noise and timesteps come from the global RNG: drawn from a fixed seed here, so that checkpoints
+        # (keep_best) and sweeps (the returned metric) are compared on the same draws, and training's stream is
+        # left where it was (an exact resume does not depend on when validation ran).
+        devices = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(i)
+            loss, parts = model.compute_loss(batch)
         losses.append(float(parts.get("loss", loss)))  # the action loss, also when a model adds auxiliary losses
         if "aux_loss" in parts:
             aux_losses.append(float(parts["aux_loss"]))

@@ -35,11 +35,15 @@ class GaussianDiffusion:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def ddim_timesteps(self, num_sampling_steps: int) -> list[int]:
-        """Evenly strided original timesteps, newest first (ADM's "ddimN" respacing): [90, 80, ..., 0] for 10 of 100."""
-        if not 1 <= num_sampling_steps <= self.num_steps:
-            raise ValueError(f"ddim steps must be in [1, {self.num_steps}], got {num_sampling_steps}")
-        stride = self.num_steps // num_sampling_steps
-        return list(range(0, self.num_steps, stride))[::-1]
+        """Evenly strided original timesteps, newest first (ADM's "ddimN" respacing): [90, 80, ..., 0] for 10 of 100.
+        The stride is the smallest that gives exactly N steps; an N no integer stride gives is refused (as ADM does)."""
+        counts = {len(range(0, self.num_steps, stride)): stride for stride in range(self.num_steps, 0, -1)}
+        if num_sampling_steps not in counts:
+            raise ValueError(
+                f"ddim_steps={num_sampling_steps}: no integer stride over {self.num_steps} diffusion steps gives "
+                f"exactly that many; possible: {sorted(counts)}"
+            )
+        return list(range(0, self.num_steps, counts[num_sampling_steps]))[::-1]
 
     @torch.no_grad()
     def ddim_sample(

@@ -76,6 +76,9 @@ class CogACT(PrismaticPolicy):
             state_dim=(proprio_dim + (aux_dim or 0) * aux_condition) if self.state_token else None,
             **action_model,
         )
+        diffusion = getattr(self.action_model, "diffusion", None)
+        if diffusion is not None:
+            diffusion.ddim_timesteps(ddim_steps)  # refuses, now rather than at the first sample, a count it cannot make
         self.proprio_projector = None
         if proprio_dim and not self.state_token:
             self.proprio_projector = torch.nn.Linear(proprio_dim, self.llm_backbone.hidden_size)
