@@ -36,6 +36,7 @@ from datasets.builder import SPLIT_FIRST_TEMPLATE, EpisodeSchema, write_rlds
 from datasets.crop import resize_square
 
 EPISODE_KEYS = ("image", "state", "action", "language_instruction")
+DEFAULT_IMAGE_SIZE = 256  # px: the largest side frames are stored at unless --image-size says otherwise (LIBERO's)
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -129,15 +130,24 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
             }
 
 
+def stored_size(images: np.ndarray) -> int:
+    """The side of the square frames a camera is stored at by default: its own resolution (the longer side), so
+    that frames are not resampled twice (an evaluation rendering at the checkpoint's camera_size then sees what
+    training saw), but at most DEFAULT_IMAGE_SIZE px (a 640 x 480 camera would only cost disk and decoding)."""
+    return min(int(max(np.shape(images)[1:3])), DEFAULT_IMAGE_SIZE)
+
+
 def build(episodes: Iterator[dict], total: int | None, args: argparse.Namespace) -> Path:
     episodes = iter(episodes)
     first = next(episodes, None)
     if first is None:
         raise ValueError("no episodes to write")
-    wrist = args.wrist_image_size if "wrist_image" in first and first["wrist_image"] is not None else 0
+    has_wrist = "wrist_image" in first and first["wrist_image"] is not None
+    image_size = args.image_size or stored_size(first["image"])
+    wrist = (args.wrist_image_size or stored_size(first["wrist_image"])) if has_wrist else 0
     objects = first.get("object_pos")
     schema = EpisodeSchema(
-        image_size=args.image_size,
+        image_size=image_size,
         wrist_image_size=wrist,
         state_dim=np.shape(first["state"])[1],
         action_dim=np.shape(first["action"])[1],
@@ -178,8 +188,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--wrist-image-size", type=int, default=256)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"side of the stored square frames (default: the camera's own, at most {DEFAULT_IMAGE_SIZE})",
+    )
+    parser.add_argument("--wrist-image-size", type=int, default=None, help="the same for the wrist camera")
     parser.add_argument("--camera", default="base_camera", help="ManiSkill camera written as observation/image")
     parser.add_argument(
         "--instruction", default=None, help="ManiSkill, LeRobot: language instruction (default: the episode's task)"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from datasets.build_rlds import main as build_rlds
-from datasets.rlds import RLDSSource, compute_statistics
+from datasets.rlds import RLDSSource, compute_statistics, image_side, open_builder
 from sim.maniskill import STATE_DIM
 
 
@@ -110,6 +110,8 @@ def test_maniskill_trajectories_carry_the_objects_positions_as_an_aux_target(tmp
     build_rlds(["maniskill", "--source", str(trajectory), "--out", str(tmp_path / "rlds"), "--name", "pick"])
 
     source = RLDSSource(name="pick", data_dir=str(tmp_path / "rlds"), aux_key="observation/object_pos")
+    # Stored at the camera's own 16 px (the checkpoint's camera_size, at which evaluation renders), not resampled.
+    assert image_side(open_builder(source, 7), source.image_key) == 16
     stats = compute_statistics(source, 7)
     with h5py.File(trajectory) as f:  # sorted names: cube, goal_site (the table is static scenery)
         objects = [
