@@ -53,6 +53,9 @@ class Policy(nn.Module):
     camera_size: int | None = None
     # Size of the normalized proprio state it reads (batch["state"], Observation.state), or None for none.
     proprio_dim: int | None = None
+    # True for a policy that reads the wrist camera (batch["wrist_image"], Observation.wrist_image); train.py refuses
+    # loader.use_wrist_image for one that does not (the frames would be decoded for nothing).
+    reads_wrist_image: bool = False
     # dataset_statistics.json content and the key of its entry that (un-)normalizes: set_statistics.
     statistics: dict | None = None
     unnorm_key: str | None = None

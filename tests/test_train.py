@@ -208,7 +208,7 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     from types import SimpleNamespace
 
     from datasets.rlds import RLDSSource
-    from training.loop import check_input_sizes, check_robot_keys
+    from training.loop import check_input_sizes, check_inputs_used, check_robot_keys
 
     source = RLDSSource(name="mine", data_dir="/nowhere", aux_key="observation/object_pos")
     stats = {"mine": {"proprio": {"q01": [0.0] * 8}, "aux": {"q01": [0.0] * 6}}}
@@ -224,6 +224,11 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     with pytest.raises(ValueError, match=r"model.proprio_dim=8 but robot.observation_keys.state is null"):
         check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": keys}))
     check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": {**keys, "state": "s"}}))
+    one_camera = SimpleNamespace(reads_wrist_image=False)
+    check_inputs_used(one_camera, OmegaConf.create({"use_wrist_image": False}))
+    with pytest.raises(ValueError, match=r"loader\.use_wrist_image=true but SimpleNamespace reads"):
+        check_inputs_used(one_camera, OmegaConf.create({"use_wrist_image": True}))
+    check_inputs_used(SimpleNamespace(reads_wrist_image=True), OmegaConf.create({"use_wrist_image": True}))
 
 
 def test_validation_loss_does_not_depend_on_the_global_rng(sample_rlds) -> None:
