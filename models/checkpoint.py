@@ -78,8 +78,8 @@ def save_checkpoint(
             write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
         state = state_dict if state_dict is not None else model.state_dict()
         if trainable_only:
-            trained = {n for n, p in model.named_parameters() if p.requires_grad}
-            state = {k: v for k, v in state.items() if k in trained or k.startswith("ema_diffusion.")}
+            trained = model.trained_state_keys()
+            state = {k: v for k, v in state.items() if k in trained}
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         tokenizer = getattr(getattr(model, "llm_backbone", None), "tokenizer", None)
         if tokenizer is not None:

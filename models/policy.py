@@ -56,6 +56,8 @@ class Policy(nn.Module):
     # True for a policy that reads the wrist camera (batch["wrist_image"], Observation.wrist_image); train.py refuses
     # loader.use_wrist_image for one that does not (the frames would be decoded for nothing).
     reads_wrist_image: bool = False
+    # State-dict prefixes of weights that follow the trained ones without a gradient (CogACT: its head's EMA).
+    derived_state_prefixes: tuple[str, ...] = ()
     # dataset_statistics.json content and the key of its entry that (un-)normalizes: set_statistics.
     statistics: dict | None = None
     unnorm_key: str | None = None
@@ -69,6 +71,13 @@ class Policy(nn.Module):
         format, keyed by unnorm_key): what a checkpoint of the released model un-normalizes with. Refused when the
         release does not make every weight of this model (a module of its own would be random)."""
         raise NotImplementedError(f"{type(self).__name__} has no released weights with statistics")
+
+    def trained_state_keys(self) -> set[str]:
+        """The state-dict entries that training changes: the trainable parameters and the weights derived from them
+        (derived_state_prefixes). The others are frozen base weights, which loading rebuilds from the base: a LoRA
+        checkpoint and the resume state hold only these."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict() if k in trainable or k.startswith(self.derived_state_prefixes)}
 
     def set_statistics(self, statistics: dict, unnorm_key: str | None = None) -> None:
         """Statistics (dataset_statistics.json) used to un-normalize predictions; unnorm_key picks the dataset."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,8 +72,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, finetune: str) -> None:
     common = ["debug=smoke", "scheduler=constant", "log_every=1", "save_every=3", "val_every=3", "loader.augment=true"]
+    common.append(f"finetune={finetune}")
     full = _run_train(tmp_path / "full", *common, "max_steps=6")
     assert full.returncode == 0, full.stderr[-3000:]
     first = _run_train(tmp_path / "part", *common, "max_steps=3")
@@ -82,6 +85,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> N
     other = _run_train(tmp_path / "part", "debug=smoke", "log_every=1", "max_steps=6", "resume=true")
     assert other.returncode != 0
     assert "scheduler._target_" in other.stderr and "python train.py debug=smoke scheduler=constant" in other.stderr
+    # Under LoRA the resume state holds the trained weights only; the frozen base is rebuilt as the run began.
+    with safe_open(str(tmp_path / "part" / "run" / "state" / "model.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+    with safe_open(str(tmp_path / "part" / "run" / "checkpoints" / "step_000003" / "model.safetensors"), "pt") as f:
+        every = set(f.keys())
+    if finetune == "lora":
+        assert saved < every and any("lora_" in k for k in saved)
+        assert all("lora_" in k or not k.startswith(("vision_backbone.", "llm_backbone.")) for k in saved)
+    else:
+        assert saved == every
     assert (tmp_path / "part" / "run" / "state" / "trainer.json").read_text() == state
     resumed = _run_train(tmp_path / "part", *common, "max_steps=6", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -36,6 +36,7 @@ from models.finetune import apply_finetune_mode
 from models.policy import Policy
 from training.checkpoints import (
     check_resume_settings,
+    keep_trained_weights,
     load_training_state,
     prune_checkpoints,
     read_trainer_state,
@@ -229,10 +230,11 @@ def train(cfg: DictConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     policy: Policy = accelerator.unwrap_model(model)
+    keep_trained_weights(accelerator, policy)
 
     step, micro_batches, best = 0, 0, math.inf
     if resumed is not None:
-        load_training_state(accelerator, run_dir)
+        load_training_state(accelerator, run_dir, policy)
         step, micro_batches, best = resumed["step"], resumed["micro_batches"], resumed["best"]
         accelerator.print(f"resumed at step {step} from {run_dir / 'state'}")
 

@@ -34,6 +34,8 @@ class CogACT(PrismaticPolicy):
     Training and inference both use the model's own estimate; the recorded positions are never an input.
     """
 
+    derived_state_prefixes = ("ema_diffusion.",)
+
     # The action head's class: another objective over the same DiT (models/flow.py) swaps only this.
     head_class: type[ActionModel] = ActionModel
 
