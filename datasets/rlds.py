@@ -692,16 +692,18 @@ def sources_from_config(dataset_cfg: dict) -> list[RLDSSource]:
     """The RLDSSource list of a `dataset` config group; builds the dataset first when it has a `generate` recipe and
     is not on disk yet."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     entries = dataset_cfg.get("sources") or []
     if not entries:
         raise ValueError("dataset config has no `sources`: expected a list of {name, data_dir, ...}")
     sources = []
     for entry in entries:
+        fields = OmegaConf.to_container(entry, resolve=True) if OmegaConf.is_config(entry) else dict(entry)
         try:
-            sources.append(RLDSSource(**dict(entry)))
+            sources.append(RLDSSource(**fields))  # plain lists and dicts (a ListConfig action_mask is not JSON)
         except TypeError as e:
-            raise ValueError(f"dataset source {dict(entry)} has an unknown field: {e}") from e
+            raise ValueError(f"dataset source {fields} has an unknown field: {e}") from e
     generate = dataset_cfg.get("generate")
     if generate is not None and not (Path(sources[0].data_dir).expanduser() / sources[0].name).is_dir():
         print(f"dataset: generating {sources[0].name} in {sources[0].data_dir}", flush=True)

@@ -105,8 +105,10 @@ class Policy(nn.Module):
         prompts: list[str],
         states: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        wrist_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """images uint8 [B, S, S, 3]; states normalized proprio [B, S] or None. Returns normalized chunks [B, T, A]."""
+        """images uint8 [B, S, S, 3]; states normalized proprio [B, S] or None; wrist_images uint8 [B, S, S, 3], given
+        to a policy that reads them (reads_wrist_image) only. Returns normalized chunks [B, T, A]."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -122,7 +124,12 @@ class Policy(nn.Module):
                 raise RuntimeError(f"statistics {self.unnorm_key!r} have no proprio entry to normalize states with")
             states = torch.from_numpy(normalize(np.stack([o.state for o in observations]), entry["proprio"]))
         prompts = [o.prompt for o in observations]
-        normalized = self.predict_normalized(images, prompts, states).float().cpu().numpy()
+        extra = {}
+        if self.reads_wrist_image:
+            if any(o.wrist_image is None for o in observations):
+                raise ValueError("this policy reads the wrist camera: every observation needs its wrist_image")
+            extra["wrist_images"] = torch.from_numpy(np.stack([o.wrist_image for o in observations]))
+        normalized = self.predict_normalized(images, prompts, states, **extra).float().cpu().numpy()
         return unnormalize(normalized, entry["action"])
 
     def predict_action(self, observation: Observation) -> np.ndarray:
@@ -147,4 +154,5 @@ class Policy(nn.Module):
             "camera_size": self.camera_size,
             "unnorm_key": self.unnorm_key,
             "state_dim": self.proprio_dim,
+            "wrist_image": self.reads_wrist_image,
         }

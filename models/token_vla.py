@@ -79,9 +79,16 @@ class TokenVLA(PrismaticPolicy):
         bins: int = 256,
         gradient_checkpointing: bool = False,
         pretrained: str | None = None,
+        wrist_image: bool = False,
     ) -> None:
         super().__init__(
-            vision_backbone, llm_backbone, image_size, action_dim, future_action_window_size, gradient_checkpointing
+            vision_backbone,
+            llm_backbone,
+            image_size,
+            action_dim,
+            future_action_window_size,
+            gradient_checkpointing,
+            wrist_image,
         )
         self.action_tokenizer = ActionTokenizer(self.llm_backbone.tokenizer.vocab_size, bins)
         if pretrained:
@@ -103,7 +110,8 @@ class TokenVLA(PrismaticPolicy):
         action_ids = self.action_tokenizer.encode(actions.flatten(1))  # [B, n]
         eos = torch.full_like(action_ids[:, :1], self.llm_backbone.tokenizer.eos_token_id)
         targets = torch.cat([action_ids, eos], dim=1)  # OpenVLA's labels: the action tokens, then EOS
-        hidden, last = self.hidden_states(self.image_patches(batch["image"]), batch["prompt"], targets.tolist())
+        patches = self.image_patches(batch["image"], batch.get("wrist_image"))
+        hidden, last = self.hidden_states(patches, batch["prompt"], targets.tolist())
         n = targets.shape[1]
         # Target k of a row sits at last - n + 1 + k and is predicted from the position before it.
         index = (last - n)[:, None] + torch.arange(n, device=hidden.device)
@@ -120,13 +128,16 @@ class TokenVLA(PrismaticPolicy):
         prompts: list[str],
         states: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        wrist_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy decoding of the chunk's action tokens (decode_tokens); deterministic."""
-        ids, _ = self.decode_tokens(images, prompts)
+        ids, _ = self.decode_tokens(images, prompts, wrist_images)
         return self.action_tokenizer.decode(ids).reshape(len(prompts), self.action_horizon, self.action_dim)
 
     @torch.no_grad()
-    def decode_tokens(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_tokens(
+        self, images: torch.Tensor, prompts: list[str], wrist_images: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's action token ids [B, n], each the argmax of its logits over the action ids [B, n, bins]. One
         LLM pass over image and prompt, then one single-token pass per further token on the cached keys and values:
         each row's new token goes at its own next position (rows are right-padded to the longest prompt, the padding
@@ -134,7 +145,7 @@ class TokenVLA(PrismaticPolicy):
         if self.training:  # gradient checkpointing would drop the cache, and dropout make the logits random
             raise RuntimeError("decode_tokens needs eval mode: call .eval() first")
         llm = self.llm_backbone
-        patches = self.image_patches(images)
+        patches = self.image_patches(images, wrist_images)
         embeds, mask = llm.with_image(patches, *llm.tokenize(prompts, patches.device))
         lengths = mask.sum(dim=1)  # each row's tokens; its next token goes at this position
         cache = DynamicCache()

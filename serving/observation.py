@@ -33,14 +33,15 @@ class ObservationError(ValueError):
     """The client's message does not have the expected form; the text is meant for the client."""
 
 
-def required_fields(state_dim: int | None) -> tuple[str, ...]:
-    """The canonical names a client must send: REQUIRED, and the state to a model that reads one."""
-    return (*REQUIRED, "state") if state_dim else REQUIRED
+def required_fields(state_dim: int | None, wrist: bool = False) -> tuple[str, ...]:
+    """The canonical names a client must send: REQUIRED, the wrist image to a model that reads it, and the state
+    to a model that reads one."""
+    return (*REQUIRED, *(("wrist_image",) if wrist else ()), *(("state",) if state_dim else ()))
 
 
-def expected_form(observation_keys: Mapping[str, str | None], state_dim: int | None = None) -> str:
+def expected_form(observation_keys: Mapping[str, str | None], state_dim: int | None = None, wrist: bool = False) -> str:
     """The message a client must send, e.g. '{"image": uint8 [H, W, 3] (or float in [0, 1]), "prompt": str}'."""
-    required = required_fields(state_dim)
+    required = required_fields(state_dim, wrist)
     forms = {**_FORMS, "state": f"float [{state_dim}]"} if state_dim else _FORMS
 
     def fields(names: tuple[str, ...]) -> str:
@@ -113,13 +114,14 @@ def adapt_observation(
     roi: Sequence[float] | None = None,
     state_dim: int | None = None,
     stored_size: int | None = None,
+    wrist: bool = False,
 ) -> Observation:
     """Validate a decoded client message and build the canonical observation (images at image_size px square; with
     crop, the central crop a model trained on random crops expects; with roi, the external image's region of interest
     first, as in training). state_dim: the state size of a model that reads one; the state is then required.
     stored_size: px of the dataset's frames (the longer side; robot.camera_size of a checkpoint), to resample the
-    external image as its training frames were."""
-    required = required_fields(state_dim)
+    external image as its training frames were. wrist: the model reads the wrist camera; its image is then required."""
+    required = required_fields(state_dim, wrist)
     missing = [observation_keys[n] for n in required if observation_keys.get(n) and observation_keys[n] not in message]
     if missing:
         raise ObservationError(f"missing {', '.join(repr(k) for k in missing)}")
@@ -152,4 +154,5 @@ def policy_observation(message: Mapping, observation_keys: Mapping[str, str | No
         policy.image_roi,
         policy.proprio_dim,
         policy.camera_size,
+        policy.reads_wrist_image,
     )

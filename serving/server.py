@@ -112,6 +112,11 @@ class PolicyServer:
                 f"robot.observation_keys.state is null: name the key its clients send it under, e.g. "
                 f"robot.observation_keys.state=observation/state; got {dict(observation_keys)}"
             )
+        if policy.reads_wrist_image and not observation_keys.get("wrist_image"):
+            raise ValueError(
+                "the model reads the wrist camera (model.wrist_image) but robot.observation_keys.wrist_image is null: "
+                f"name the key its clients send it under, e.g. observation/wrist_image; got {dict(observation_keys)}"
+            )
         self.policy = policy
         self.observation_keys = dict(observation_keys)
         self.api_key = api_key
@@ -120,15 +125,15 @@ class PolicyServer:
             **policy_metadata,
             "unnorm_key": policy_metadata.get("unnorm_key") or unnorm_key,
             "observation_keys": {name: key for name, key in self.observation_keys.items() if key},
-            "required_observation_keys": [self.observation_keys[n] for n in required_fields(policy.proprio_dim)],
+            "required_observation_keys": [
+                self.observation_keys[n] for n in required_fields(policy.proprio_dim, policy.reads_wrist_image)
+            ],
             "image_size": policy.image_size,
             "accepts_reset": True,  # openpi servers do not know {"reset": true}; clients check this before sending it
             "reply_horizon": 1 if self.ensemble else policy.action_horizon,
         }
-        self._expected = (
-            f"Expected a binary msgpack-numpy map {expected_form(self.observation_keys, policy.proprio_dim)}, "
-            'or {"reset": true}.'
-        )
+        form = expected_form(self.observation_keys, policy.proprio_dim, policy.reads_wrist_image)
+        self._expected = f'Expected a binary msgpack-numpy map {form}, or {{"reset": true}}.'
         self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._connections = 0  # open WebSocket connections

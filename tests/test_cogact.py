@@ -482,3 +482,38 @@ def test_prompt_ends_as_cogacts_and_openvlas_with_a_llama_style_tokenizer(tmp_pa
     assert first[0] == 1 and first[-3:] == [colon, empty, 2] and mask[0].all()
     assert first[1:-2] == fast(PROMPT.format("pick up the apple").rstrip(), add_special_tokens=False).input_ids
     assert ids[1, mask[1].sum() - 3 : mask[1].sum()].tolist() == [colon, empty, 2]
+
+
+def test_a_model_reading_the_wrist_camera_takes_it_everywhere(tmp_path) -> None:
+    """model.wrist_image: the wrist camera's patches follow the external camera's through the same ViTs and
+    projector; training, inference, checkpoints and the server all want it, and say so when it is missing."""
+    from models.policy import Observation
+    from serving import PolicyServer
+
+    torch.manual_seed(0)
+    cfg = _model_cfg(wrist_image=True)
+    model = instantiate(cfg.model).eval()
+    batch = _batch(model)
+    batch["wrist_image"] = torch.randint(0, 256, batch["image"].shape, dtype=torch.uint8)
+    external = model.projector(model.vision_backbone(batch["image"]))
+    patches = model.image_patches(batch["image"], batch["wrist_image"])
+    assert patches.shape[1] == 2 * external.shape[1]
+    torch.testing.assert_close(patches[:, : external.shape[1]], external)
+    with pytest.raises(ValueError, match=r"reads the wrist camera too .* got none wrist images for 2 images"):
+        model.compute_loss({k: v for k, v in batch.items() if k != "wrist_image"})
+    assert torch.isfinite(model.compute_loss(batch)[0])
+    moved = model.cognition_features(batch["image"], batch["prompt"], batch["wrist_image"].flip(1))
+    assert not torch.allclose(moved, model.cognition_features(batch["image"], batch["prompt"], batch["wrist_image"]))
+
+    train_cfg = OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True), "unnorm_key": "toy"})
+    loaded = load_policy(save_checkpoint(tmp_path / "ckpt", model, train_cfg, _stats(), step=1))
+    assert loaded.reads_wrist_image and loaded.metadata()["wrist_image"] is True
+    image = np.zeros((model.image_size, model.image_size, 3), np.uint8)
+    with pytest.raises(ValueError, match="every observation needs its wrist_image"):
+        loaded.predict_action(Observation(image=image, prompt="push"))
+    assert loaded.predict_action(Observation(image=image, prompt="push", wrist_image=image)).shape == (16, 7)
+    keys = {"image": "image", "wrist_image": None, "state": None, "prompt": "prompt"}
+    with pytest.raises(ValueError, match=r"robot\.observation_keys\.wrist_image is null"):
+        PolicyServer(loaded, keys)
+    server = PolicyServer(loaded, {**keys, "wrist_image": "observation/wrist_image"})
+    assert server.metadata["required_observation_keys"] == ["image", "prompt", "observation/wrist_image"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,13 @@ def test_every_model_dataset_pair_composes_and_resolves(model: str, dataset: str
     assert issubclass(get_class(resolved["model"]["_target_"]), Policy)  # CogACT, or a family that plugs in
     assert resolved["model"]["action_dim"] == resolved["robot"]["action_dim"] == 7
     assert resolved["dataset"]["sources"], "a dataset config lists its RLDS sources"
+    if "generate" not in cfg.dataset:  # (sources_from_config would build the sample dataset)
+        from dataclasses import asdict
+
+        from datasets.rlds import sources_from_config
+
+        for source in sources_from_config(cfg.dataset):  # plain values: the statistics cache key is their JSON
+            json.dumps(asdict(source))
 
 
 def test_libero_picks_the_libero_robot_and_the_four_suites() -> None:

@@ -241,7 +241,16 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     check_inputs_used(one_camera, OmegaConf.create({"use_wrist_image": False}))
     with pytest.raises(ValueError, match=r"loader\.use_wrist_image=true but SimpleNamespace reads"):
         check_inputs_used(one_camera, OmegaConf.create({"use_wrist_image": True}))
-    check_inputs_used(SimpleNamespace(reads_wrist_image=True), OmegaConf.create({"use_wrist_image": True}))
+    two_cameras = SimpleNamespace(reads_wrist_image=True)
+    check_inputs_used(two_cameras, OmegaConf.create({"use_wrist_image": True}))
+    with pytest.raises(ValueError, match=r"model\.wrist_image=true but loader\.use_wrist_image=false"):
+        check_inputs_used(two_cameras, OmegaConf.create({"use_wrist_image": False}))
+    with pytest.raises(ValueError, match=r"dataset\(s\) \['mine'\] set no wrist_image_key"):
+        check_inputs_used(two_cameras, OmegaConf.create({"use_wrist_image": True}), [source])
+    with pytest.raises(ValueError, match=r"model.wrist_image=true but robot.observation_keys.wrist_image is null"):
+        check_robot_keys(
+            SimpleNamespace(proprio_dim=None, reads_wrist_image=True), OmegaConf.create({"observation_keys": keys})
+        )
 
 
 def test_validation_loss_does_not_depend_on_the_global_rng(sample_rlds) -> None:
@@ -268,3 +277,39 @@ def test_validation_loss_does_not_depend_on_the_global_rng(sample_rlds) -> None:
         results.append(validate(policy, held_out, stats, ["sample"], max_batches=3))
         assert torch.equal(torch.get_rng_state(), before)
     assert results[0] == results[1] and np.isfinite(results[0]["val/loss"])
+
+
+@pytest.mark.slow
+def test_a_two_camera_model_trains_on_a_dataset_with_a_wrist_camera(tmp_path: Path) -> None:
+    from datasets.build_rlds import main as build_rlds
+    from models import load_policy
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "episodes").mkdir()
+    for i in range(6):
+        np.savez(
+            tmp_path / "episodes" / f"ep{i}.npz",
+            image=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+            wrist_image=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+            state=rng.normal(size=(10, 8)).astype(np.float32),
+            action=rng.uniform(-1, 1, (10, 7)).astype(np.float32),
+            language_instruction=np.array("open the drawer"),
+        )
+    build_rlds(["episodes", "--source", str(tmp_path / "episodes"), "--out", str(tmp_path / "rlds"), "--name", "two"])
+    dataset = [
+        "dataset=custom_rlds",
+        f"dataset.root={tmp_path / 'rlds'}",
+        "dataset.sources.0.name=two",
+        "dataset.sources.0.wrist_image_key=observation/wrist_image",
+    ]
+    common = ["debug=smoke", "robot=libero_franka", "max_steps=2", "save_every=2", "val_every=2", *dataset]
+    result = _run_train(tmp_path, *common, "model.wrist_image=true", "loader.val_fraction=0.2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = Path(result.stdout.strip().splitlines()[-1].split(" ", 1)[1])
+    saved = OmegaConf.load(ckpt / "config.yaml")
+    assert saved.model.wrist_image and saved.loader.use_wrist_image  # the loader followed the model
+    assert load_policy(ckpt).metadata()["wrist_image"] is True
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/loss" in r for r in records)
+    refused = _run_train(tmp_path / "again", *common, "model.wrist_image=false", "loader.use_wrist_image=true")
+    assert refused.returncode != 0 and "reads the external camera only" in refused.stderr

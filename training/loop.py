@@ -116,7 +116,7 @@ def _loader_config(cfg: DictConfig, model: Policy) -> LoaderConfig:
         action_dim=cfg.robot.action_dim,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        **OmegaConf.to_container(cfg.loader),
+        **OmegaConf.to_container(cfg.loader, resolve=True),
     )
 
 
@@ -140,9 +140,20 @@ def _accelerator(cfg: DictConfig) -> Accelerator:
     )
 
 
-def check_inputs_used(model: Policy, loader: DictConfig) -> None:
-    """The loader decodes no camera the model does not read."""
-    if loader.get("use_wrist_image") and not model.reads_wrist_image:
+def check_inputs_used(model: Policy, loader: DictConfig, sources: list | None = None) -> None:
+    """The loader decodes the cameras the model reads, from every source, and no other."""
+    if model.reads_wrist_image:
+        if not loader.get("use_wrist_image"):
+            raise ValueError(
+                "model.wrist_image=true but loader.use_wrist_image=false: the model would get no wrist frames"
+            )
+        lacking = [s.name for s in sources or [] if not s.wrist_image_key]
+        if lacking:
+            raise ValueError(
+                f"model.wrist_image=true but dataset(s) {lacking} set no wrist_image_key: name the wrist camera's "
+                "step feature (e.g. observation/wrist_image)"
+            )
+    elif loader.get("use_wrist_image"):
         raise ValueError(
             f"loader.use_wrist_image=true but {type(model).__name__} reads the external camera only: the wrist "
             "frames would be decoded, augmented and dropped (at about 60% of the loader's speed); "
@@ -151,12 +162,18 @@ def check_inputs_used(model: Policy, loader: DictConfig) -> None:
 
 
 def check_robot_keys(model: Policy, robot: DictConfig) -> None:
-    """A model that reads a state can be served it: the robot names the key its clients send it under."""
-    if model.proprio_dim and not (robot.get("observation_keys") or {}).get("state"):
-        raise ValueError(
-            f"model.proprio_dim={model.proprio_dim} but robot.observation_keys.state is null: the server could not "
-            "read the state from clients; name their key, e.g. robot.observation_keys.state=observation/state"
-        )
+    """A model that reads a state or the wrist camera can be served it: the robot names the client's key for it."""
+    keys = robot.get("observation_keys") or {}
+    for needed, name, example in (
+        (model.proprio_dim, "state", "observation/state"),
+        (getattr(model, "reads_wrist_image", False), "wrist_image", "observation/wrist_image"),
+    ):
+        if needed and not keys.get(name):
+            what = f"model.proprio_dim={needed}" if name == "state" else "model.wrist_image=true"
+            raise ValueError(
+                f"{what} but robot.observation_keys.{name} is null: the server could not read it from clients; "
+                f"name their key, e.g. robot.observation_keys.{name}={example}"
+            )
 
 
 def check_input_sizes(model: Policy, sources: list, statistics: dict) -> None:
@@ -203,7 +220,7 @@ def train(cfg: DictConfig) -> dict:
     if model.action_dim != cfg.robot.action_dim:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
     check_robot_keys(model, cfg.robot)
-    check_inputs_used(model, cfg.loader)
+    check_inputs_used(model, cfg.loader, sources)
     with accelerator.main_process_first():
         statistics = compute_all_statistics(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
     check_input_sizes(model, sources, statistics)

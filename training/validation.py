@@ -36,7 +36,8 @@ def validate(
         losses.append(float(parts.get("loss", loss)))  # the action loss, also when a model adds auxiliary losses
         if "aux_loss" in parts:
             aux_losses.append(float(parts["aux_loss"]))
-        sample = model.predict_normalized(batch["image"], batch["prompt"], batch.get("state"), generator=generator)
+        extra = {"wrist_images": batch.get("wrist_image")} if model.reads_wrist_image else {}
+        sample = model.predict_normalized(batch["image"], batch["prompt"], batch.get("state"), generator, **extra)
         predicted.append(sample[:, 0].float().cpu().numpy())  # the action for the current step
         true.append(batch["action"][:, 0].float().numpy())
         dataset_index.append(batch["dataset_index"].numpy())

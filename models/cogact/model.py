@@ -32,6 +32,7 @@ class CogACT(PrismaticPolicy):
     through `aux_projector`, a zero-initialised linear map added to the condition like the proprio state, or with
     proprio_input="token" as part of the state token's input.
     Training and inference both use the model's own estimate; the recorded positions are never an input.
+    wrist_image: also read the wrist camera (PrismaticPolicy).
     """
 
     derived_state_prefixes = ("ema_diffusion.",)
@@ -59,9 +60,16 @@ class CogACT(PrismaticPolicy):
         aux_dim: int | None = None,
         aux_loss_weight: float = 1.0,
         aux_condition: bool = False,
+        wrist_image: bool = False,
     ) -> None:
         super().__init__(
-            vision_backbone, llm_backbone, image_size, action_dim, future_action_window_size, gradient_checkpointing
+            vision_backbone,
+            llm_backbone,
+            image_size,
+            action_dim,
+            future_action_window_size,
+            gradient_checkpointing,
+            wrist_image,
         )
         self.repeated_diffusion_steps = repeated_diffusion_steps
         self.cfg_scale = cfg_scale
@@ -130,18 +138,27 @@ class CogACT(PrismaticPolicy):
     def device(self) -> torch.device:
         return self.action_model.net.positional_embedding.device
 
-    def cognition_features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """images uint8 [B, S, S, 3], prompts -> the last-layer hidden state at the cognition token [B, 1, D]."""
-        hidden, last = self.hidden_states(self.image_patches(images), prompts)
+    def cognition_features(
+        self, images: torch.Tensor, prompts: list[str], wrist_images: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """images uint8 [B, S, S, 3] (and wrist_images, for a model that reads them), prompts -> the last-layer hidden
+        state at the cognition token [B, 1, D]."""
+        hidden, last = self.hidden_states(self.image_patches(images, wrist_images), prompts)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
 
-    def condition(self, images: torch.Tensor, prompts: list[str], states: torch.Tensor | None) -> torch.Tensor:
+    def condition(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        states: torch.Tensor | None,
+        wrist_images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The DiT's condition [B, 1, D]: the cognition feature, plus the projected proprio state and the projected
         object-position estimate when they are added to it (proprio_input="add"). A head with a state token reads
         more than this: use head_inputs()."""
         if self.state_token:
             raise ValueError('with model.proprio_input="token" the DiT also reads a state token: use head_inputs()')
-        cognition = self.cognition_features(images.to(self.device), prompts)
+        cognition = self.cognition_features(images.to(self.device), prompts, wrist_images)
         return self.head_inputs(cognition, states)[0]
 
     def head_inputs(
@@ -178,7 +195,7 @@ class CogACT(PrismaticPolicy):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"].to(self.device)
         self.check_actions(actions)
-        cognition = self.cognition_features(batch["image"].to(self.device), batch["prompt"])
+        cognition = self.cognition_features(batch["image"].to(self.device), batch["prompt"], batch.get("wrist_image"))
         condition, token, predicted = self.head_inputs(cognition, batch.get("state"))
         repeats = self.repeated_diffusion_steps
         token = None if token is None else token.repeat(repeats, 1)
@@ -214,9 +231,10 @@ class CogACT(PrismaticPolicy):
         prompts: list[str],
         states: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        wrist_images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalized action chunks [B, T, A]; states are normalized proprio [B, S] (used when proprio_dim is set)."""
-        cognition = self.cognition_features(images.to(self.device), prompts)
+        cognition = self.cognition_features(images.to(self.device), prompts, wrist_images)
         condition, token, _ = self.head_inputs(cognition, states)
         head = self.ema_diffusion if self.ema_diffusion is not None else self.action_model
         return head.sample(condition, self.cfg_scale, self.sampling_steps, generator=generator, state=token)
