@@ -86,7 +86,18 @@ def main(cfg: DictConfig) -> float:
             raise SystemExit(
                 f"eval_maniskill.py: execute_steps={execute_steps} exceeds the policy's action_horizon {horizon}"
             )
-        envs = make_vector_env(cfg.env_id, control_mode, image_size, camera, cfg.max_steps, cfg.workers)
+        # The wrist camera is rendered for a policy that reads it (its metadata says so), as the robot names it.
+        wrist_camera = None
+        if metadata.get("wrist_image"):
+            wrist_camera = robot.get("wrist_camera")
+            if not wrist_camera or not (robot.get("observation_keys") or {}).get("wrist_image"):
+                raise SystemExit(
+                    "eval_maniskill.py: the policy reads the wrist camera; the robot config needs wrist_camera "
+                    "(e.g. hand_camera) and observation_keys.wrist_image"
+                )
+        envs = make_vector_env(
+            cfg.env_id, control_mode, image_size, camera, cfg.max_steps, cfg.workers, wrist_camera=wrist_camera
+        )
         stack.callback(envs.close)
         settings = EvalSettings(
             num_episodes=cfg.num_episodes,
@@ -108,6 +119,7 @@ def main(cfg: DictConfig) -> float:
             "prompt": prompt or "per episode (the task's get_language_instruction())",
             "control_mode": control_mode,
             "camera": camera,
+            "wrist_camera": wrist_camera,
             "image_size": image_size,
             "max_steps": cfg.max_steps,
             "execute_steps": 1 if cfg.ensemble.enabled else execute_steps,

@@ -132,8 +132,9 @@ class _RunningEpisode:
             keys = self.robot["observation_keys"]
             start = time.perf_counter()
             message = {keys["image"]: self.observation["image"], keys["prompt"]: self.result.prompt}
-            if keys.get("state") and "state" in self.observation:
-                message[keys["state"]] = self.observation["state"]
+            for name in ("state", "wrist_image"):  # sent when the robot names a key and the env renders it
+                if keys.get(name) and name in self.observation:
+                    message[keys[name]] = self.observation[name]
             reply = self.client.infer(message)
             self.latencies.append((time.perf_counter() - start) * 1000)
             self.pending.extend(self.execution(action_chunk(reply, self.execution.steps_per_chunk)))

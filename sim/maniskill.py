@@ -148,13 +148,16 @@ def make_env(
     camera: str = "base_camera",
     max_episode_steps: int | None = None,
     obs_mode: str = "rgb",
+    wrist_camera: str | None = None,
     **env_kwargs: object,
 ) -> gym.Env:
-    """One ManiSkill env on the CPU backends whose cameras render image_size x image_size RGB; `camera` must be
-    among them (obs_mode="state": no cameras are checked). hand_camera selects the panda_wristcam robot.
-    A task whose assets are missing fails at once with the command that downloads them."""
+    """One ManiSkill env on the CPU backends whose cameras render image_size x image_size RGB; `camera` (and
+    `wrist_camera` when given) must be among them (obs_mode="state": no cameras are checked). hand_camera selects
+    the panda_wristcam robot. A task whose assets are missing fails at once with the command that downloads them."""
     check_task(env_id)
-    kwargs = {"robot_uids": CAMERA_ROBOTS[camera]} if camera in CAMERA_ROBOTS else {}
+    wanted = [camera, *([wrist_camera] if wrist_camera else [])]
+    robots = {CAMERA_ROBOTS[c] for c in wanted if c in CAMERA_ROBOTS}
+    kwargs = {"robot_uids": robots.pop()} if robots else {}
     stdin, sys.stdin = sys.stdin, io.StringIO()  # an undeclared download still asks on stdin: answer EOF at once
     try:
         env = gym.make(
@@ -174,9 +177,10 @@ def make_env(
         sys.stdin = stdin
     if obs_mode != "state":
         cameras = list(env.observation_space["sensor_data"].keys())
-        if camera not in cameras:
-            env.close()
-            raise ValueError(f"camera {camera!r} is not a camera of {env_id}; choose one of {cameras}")
+        for name in wanted:
+            if name not in cameras:
+                env.close()
+                raise ValueError(f"camera {name!r} is not a camera of {env_id}; choose one of {cameras}")
     return env
 
 
@@ -187,18 +191,23 @@ def camera_image(obs: dict, camera: str) -> np.ndarray:
 
 class CameraEnv(gym.Wrapper):
     """A single ManiSkill env as a plain gymnasium env for the evaluator: the observation is {"image": the camera
-    image uint8 [H, W, 3], "state": panda_state float32 [STATE_DIM]}; reward is a float, terminated/truncated are bools;
+    image uint8 [H, W, 3], "state": panda_state float32 [STATE_DIM]}, and "wrist_image" from `wrist_camera` when
+    given; reward is a float, terminated/truncated are bools;
     info is {"success": bool}, and after a reset also {"prompt": str}: the episode's own instruction ("" for a task
     without one). metadata["render_fps"] is the control frequency."""
 
-    def __init__(self, env: gym.Env, camera: str) -> None:
+    def __init__(self, env: gym.Env, camera: str, wrist_camera: str | None = None) -> None:
         super().__init__(env)
-        self.camera = camera
+        self.camera, self.wrist_camera = camera, wrist_camera
         size = env.observation_space["sensor_data"][camera]["rgb"].shape[-3:]
-        self.observation_space = gym.spaces.Dict(
-            image=gym.spaces.Box(0, 255, size, np.uint8),
-            state=gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32),
-        )
+        spaces = {
+            "image": gym.spaces.Box(0, 255, size, np.uint8),
+            "state": gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32),
+        }
+        if wrist_camera:
+            wrist_size = env.observation_space["sensor_data"][wrist_camera]["rgb"].shape[-3:]
+            spaces["wrist_image"] = gym.spaces.Box(0, 255, wrist_size, np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
         self.metadata = {**env.metadata, "render_fps": env.unwrapped.control_freq}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
@@ -224,11 +233,19 @@ class CameraEnv(gym.Wrapper):
             agent.robot.get_qpos()[0].cpu().numpy(),
             None if goal is None else goal[0].cpu().numpy(),
         )
-        return {"image": camera_image(obs, self.camera), "state": state}
+        observation = {"image": camera_image(obs, self.camera), "state": state}
+        if self.wrist_camera:
+            observation["wrist_image"] = camera_image(obs, self.wrist_camera)
+        return observation
 
 
 def make_eval_env(
-    env_id: str, control_mode: str, image_size: int, camera: str, max_episode_steps: int | None = None
+    env_id: str,
+    control_mode: str,
+    image_size: int,
+    camera: str,
+    max_episode_steps: int | None = None,
+    wrist_camera: str | None = None,
 ) -> CameraEnv:
     """make_env wrapped in CameraEnv; refuses an action space other than the 7-dim arm + gripper the mapping needs.
 
@@ -236,25 +253,33 @@ def make_eval_env(
     resets, so that without it an episode of a task with compound objects (PullCubeTool's L-shaped tool,
     PickObject's bowl) can differ in the 7th digit depending on which episodes the env ran before. With it an
     episode depends only on its seed and actions, whichever worker runs it."""
-    env = make_env(env_id, control_mode, image_size, camera, max_episode_steps, reconfiguration_freq=1)
+    env = make_env(
+        env_id, control_mode, image_size, camera, max_episode_steps, wrist_camera=wrist_camera, reconfiguration_freq=1
+    )
     if env.action_space.shape != (7,):
         env.close()
         raise ValueError(
             f"{env_id} with control_mode {control_mode} has actions of shape {list(env.action_space.shape)}; the "
             f"evaluator drives a 7-dim end-effector delta + gripper (pd_ee_delta_pose on a Panda with a gripper)"
         )
-    return CameraEnv(env, camera)
+    return CameraEnv(env, camera, wrist_camera)
 
 
 def make_vector_env(
-    env_id: str, control_mode: str, image_size: int, camera: str, max_episode_steps: int | None, workers: int
+    env_id: str,
+    control_mode: str,
+    image_size: int,
+    camera: str,
+    max_episode_steps: int | None,
+    workers: int,
+    wrist_camera: str | None = None,
 ) -> gym.vector.VectorEnv:
     """`workers` envs: one in this process (workers=1, SyncVectorEnv) or one per worker process (AsyncVectorEnv,
     spawned: SAPIEN's renderer does not survive a fork). Autoreset is off: the evaluator resets each env itself,
     with each episode's seed. AsyncVectorEnv first builds one env here for the spaces, so bad settings fail here."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    make = functools.partial(make_eval_env, env_id, control_mode, image_size, camera, max_episode_steps)
+    make = functools.partial(make_eval_env, env_id, control_mode, image_size, camera, max_episode_steps, wrist_camera)
     if workers == 1:
         return gym.vector.SyncVectorEnv([make], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     return gym.vector.AsyncVectorEnv(

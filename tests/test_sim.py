@@ -257,6 +257,29 @@ def test_evaluate_sends_the_state_only_under_the_robots_state_key(tmp_path: Path
     assert [call["observation/state"].tolist() for call in client.calls] == [[0, -1], [3, -1]]
 
 
+class WristEnv(CountingEnv):
+    """CountingEnv with a wrist camera whose value is 100 + the step count."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        spaces = dict(self.observation_space.spaces, wrist_image=gym.spaces.Box(0, 255, (8, 8, 3), np.uint8))
+        self.observation_space = gym.spaces.Dict(spaces)
+
+    def _observation(self) -> dict:
+        return {**super()._observation(), "wrist_image": np.full((8, 8, 3), 100 + self.steps, np.uint8)}
+
+
+def test_evaluate_sends_the_wrist_image_under_the_robots_key(tmp_path: Path) -> None:
+    env = WristEnv(length=6)
+    envs = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    robot = OmegaConf.merge(ROBOT, {"observation_keys": {"wrist_image": "observation/wrist_image"}})
+    client = ScriptedClient()
+    settings = EvalSettings(num_episodes=1, max_steps=6, execute_steps=3, prompt="push")
+    evaluate(envs, [client], robot, settings, tmp_path, {})
+    assert [call["observation/wrist_image"][0, 0, 0] for call in client.calls] == [100, 103]
+    assert all(set(call) == {"image", "prompt", "observation/wrist_image"} for call in client.calls)
+
+
 def test_evaluate_with_the_ensemble_queries_every_step(tmp_path: Path) -> None:
     envs, env = _fake_envs(length=3)
     client = ScriptedClient()
@@ -490,6 +513,19 @@ def test_pushcube_episodes_through_the_server(tmp_path: Path) -> None:
     assert failed["episodes"][0]["steps"] == 0 and "inference failed: ValueError" in failed["episodes"][0]["error"]
     lines = (tmp_path / "a" / "episodes.jsonl").read_text().splitlines()
     assert [json.loads(line)["seed"] for line in lines] == [3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("renderer")
+def test_the_eval_env_renders_the_wrist_camera_beside_the_external_one() -> None:
+    env = make_eval_env("PushCube-v1", ROBOT.control_mode, 64, "base_camera", 50, wrist_camera="hand_camera")
+    try:
+        observation, _ = env.reset(seed=0)
+    finally:
+        env.close()
+    assert observation["image"].shape == observation["wrist_image"].shape == (64, 64, 3)
+    assert np.abs(observation["image"].astype(int) - observation["wrist_image"]).mean() > 10  # two views
+    assert set(env.observation_space.spaces) == {"image", "wrist_image", "state"}
 
 
 def test_the_camera_renders_as_trained_unless_told_otherwise() -> None:
