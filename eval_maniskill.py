@@ -49,6 +49,11 @@ def main(cfg: DictConfig) -> float:
         if cfg.server:
             if any(value is not None for value in cfg.sampling.values()):
                 raise SystemExit("eval_maniskill.py: sampling.* applies to the ckpt= server only; set it on serve.py")
+            if cfg.unnorm_key is not None:
+                raise SystemExit(
+                    "eval_maniskill.py: unnorm_key applies to the ckpt= server only; a running server un-normalizes "
+                    "with its own (set it on serve.py; its metadata says which)"
+                )
             host, _, port = str(cfg.server).rpartition(":")
             if not host or not port.isdigit():
                 raise SystemExit(f"eval_maniskill.py: server must be host:port, got {cfg.server!r}")
@@ -79,12 +84,19 @@ def main(cfg: DictConfig) -> float:
         image_size = camera_resolution(cfg.image_size, robot, metadata)
         if not image_size:
             raise SystemExit("eval_maniskill.py: the server's metadata has no image_size; pass image_size=<pixels>")
-        # null: 4 actions of each chunk, or the whole chunk of a policy that predicts fewer (OpenVLA-style: one)
-        horizon = metadata.get("action_horizon")
+        # null: 4 actions of each chunk, or the whole chunk of a policy that predicts fewer (OpenVLA-style: one).
+        # A server that ensembles replies with one action ([1, 7]: its reply_horizon), already blended.
+        horizon = metadata.get("reply_horizon", metadata.get("action_horizon"))
+        if cfg.ensemble.enabled and horizon == 1 and metadata.get("action_horizon", 1) > 1:
+            raise SystemExit(
+                "eval_maniskill.py: the server already ensembles (it replies with one blended action); "
+                "ensemble.enabled=true would blend its replies a second time: leave it off"
+            )
         execute_steps = cfg.execute_steps if cfg.execute_steps is not None else min(4, horizon or 4)
         if not cfg.ensemble.enabled and horizon is not None and execute_steps > horizon:
             raise SystemExit(
-                f"eval_maniskill.py: execute_steps={execute_steps} exceeds the policy's action_horizon {horizon}"
+                f"eval_maniskill.py: execute_steps={execute_steps} exceeds the {horizon} actions the server replies "
+                "with (its metadata's reply_horizon, else action_horizon)"
             )
         # The wrist camera is rendered for a policy that reads it (its metadata says so), as the robot names it.
         wrist_camera = None

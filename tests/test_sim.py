@@ -540,8 +540,13 @@ def test_the_camera_renders_as_trained_unless_told_otherwise() -> None:
 
 
 @pytest.mark.slow
-def test_eval_entry_point_on_pick_object_against_a_running_server(tmp_path: Path) -> None:
-    server = _serve(ScriptedPolicy(act=_image_policy))
+@pytest.mark.parametrize("ensembling", [False, True])
+def test_eval_entry_point_on_pick_object_against_a_running_server(tmp_path: Path, ensembling: bool) -> None:
+    # An ensembling server replies with one blended action (reply_horizon 1): the evaluator executes each.
+    ensemble = {"horizon": 3, "alpha": 0.1, "gripper": (0.0, 1.0)} if ensembling else None
+    server = ServerThread(
+        PolicyServer(ScriptedPolicy(act=_image_policy), ROBOT.observation_keys, ensemble=ensemble)
+    ).start()
     try:
         result = subprocess.run(
             [
@@ -570,6 +575,7 @@ def test_eval_entry_point_on_pick_object_against_a_running_server(tmp_path: Path
     assert results["config"]["image_size"] == 64 and "per episode" in results["config"]["prompt"]
     lines = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert [e["seed"] for e in lines] == [0, 1] and all(e["steps"] == 4 and e["error"] is None for e in lines)
+    assert [e["policy_calls"] for e in lines] == ([4, 4] if ensembling else [1, 1])
     assert all(e["prompt"].startswith("pick up the ") for e in lines)
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2 and len(list((tmp_path / "images").glob("*.png"))) == 4
 
@@ -586,6 +592,8 @@ def test_eval_entry_point_errors_are_clear(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "eval_maniskill.py: ckpt:" in missing.stderr
     remote = run("server=127.0.0.1:1", "robot=maniskill_panda", "sampling.cfg_scale=1.0")
     assert remote.returncode != 0 and "sampling.* applies to the ckpt= server only" in remote.stderr
+    statistics = run("server=127.0.0.1:1", "robot=maniskill_panda", "unnorm_key=bridge_orig")
+    assert statistics.returncode != 0 and "unnorm_key applies to the ckpt= server only" in statistics.stderr
 
 
 @pytest.mark.slow
