@@ -21,11 +21,15 @@ def merge_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = load_config(ckpt_dir)
     if (cfg.get("finetune") or {}).get("mode") != "lora":
         raise ValueError(f"{ckpt_dir} is not a LoRA checkpoint (finetune.mode={cfg.get('finetune', {}).get('mode')})")
-    policy = merge_lora_adapters(load_policy(ckpt_dir))
+    statistics = load_statistics(ckpt_dir)
+    # The weights do not depend on which statistics are selected; the merged config keeps the checkpoint's choice
+    # (none, for a mixture that named none: serving the merged one asks for unnorm_key= as the LoRA one does).
+    any_key = cfg.get("unnorm_key") or next(iter(statistics))
+    policy = merge_lora_adapters(load_policy(ckpt_dir, unnorm_key=any_key))
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     merged_cfg = OmegaConf.merge(cfg, {"finetune": {"mode": "full", "merged_from": str(ckpt_dir)}})
     merged_cfg.finetune.pop("lora", None)
-    return save_checkpoint(out_dir, policy, merged_cfg, load_statistics(ckpt_dir), meta["step"], meta.get("metrics"))
+    return save_checkpoint(out_dir, policy, merged_cfg, statistics, meta["step"], meta.get("metrics"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,6 +104,16 @@ def test_lora_checkpoint_holds_only_trained_weights_and_merges(official_run, tmp
     merged = load_policy(merged_dir)
     assert not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(_sample(merged, batch), expected, atol=1e-4, rtol=1e-4)
+    # A mixture's checkpoint that names no unnorm_key merges too, and still asks for one.
+    mixture = save_checkpoint(
+        tmp_path / "mixture", model, saved_cfg, {**_stats(), "other": _stats()["toy"]}, step=1, trainable_only=True
+    )
+    merged_mixture = merge_checkpoint(mixture, tmp_path / "merged_mixture")
+    with pytest.raises(ValueError, match="pass unnorm_key="):
+        load_policy(merged_mixture)
+    torch.testing.assert_close(
+        _sample(load_policy(merged_mixture, unnorm_key="toy"), batch), expected, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_official_weights_load_into_a_head_with_a_state_token(official_run) -> None:
