@@ -54,6 +54,26 @@ def unnormalize(x_n: np.ndarray, stats: dict, binarize_gripper: bool = True) -> 
     return np.where(mask, 0.5 * (a + 1) * (q99 - q01) + q01, a).astype(np.float32)
 
 
+def check_unnormalized_ranges(statistics: dict) -> None:
+    """The action dimensions left un-normalized (mask false) must already lie where `unnormalize` returns them: in
+    [-1, 1] (it clips), and the last one, the gripper, in [0, 1] (it is binarized at 0.5, CogACT's 1 = open). A
+    gripper recorded as -1 / +1 or in degrees would train on one scale and be served on another: ValueError."""
+    for key, entry in statistics.items():
+        action = entry["action"]
+        dims = len(action["min"])
+        for d in np.flatnonzero(~_mask(action, dims)):
+            low, high = (0.0, 1.0) if d == dims - 1 else (-1.0, 1.0)
+            found = (float(action["min"][d]), float(action["max"][d]))
+            if found[0] < low - 1e-6 or found[1] > high + 1e-6:
+                what = "the gripper, binarized at 0.5 at inference" if d == dims - 1 else "clipped at inference"
+                raise ValueError(
+                    f"statistics {key!r}: action dim {d} is not normalized (action_mask false) and lies in "
+                    f"[{found[0]:g}, {found[1]:g}], outside [{low:g}, {high:g}] ({what}): map it with the source's "
+                    "action_transform (e.g. gripper_signed_to_unit for -1 close / +1 open) or normalize it "
+                    "(action_mask true)"
+                )
+
+
 def _mask(stats: dict, dim: int) -> np.ndarray:
     mask = np.asarray(stats.get("mask", [True] * dim), dtype=bool)
     if mask.shape != (dim,):

@@ -7,6 +7,7 @@ import pytest
 
 from datasets.atomic import write_json_atomic
 from datasets.statistics import (
+    check_unnormalized_ranges,
     load_statistics,
     normalize,
     select_statistics,
@@ -99,3 +100,22 @@ def test_failed_write_keeps_the_old_file(tmp_path) -> None:
         write_json_atomic(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+
+
+def test_unnormalized_dims_must_lie_where_inference_returns_them() -> None:
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (100, 7))
+    actions[:, 6] = rng.integers(0, 2, 100)  # 0 closed / 1 open
+    entry = {"action": {**summarize(actions), "mask": [True] * 6 + [False]}}
+    check_unnormalized_ranges({"ok": entry})
+    signed = actions.copy()
+    signed[:, 6] = 2 * signed[:, 6] - 1  # -1 / +1: would be served as 0 / 1
+    with pytest.raises(ValueError, match=r"'signed': action dim 6 .* \[-1, 1\], outside \[0, 1\] .* gripper_signed"):
+        check_unnormalized_ranges({"signed": {"action": {**summarize(signed), "mask": [True] * 6 + [False]}}})
+    check_unnormalized_ranges({"normalized": {"action": {**summarize(signed), "mask": [True] * 7}}})
+    wide = actions.copy()
+    wide[:, 2] *= 3
+    with pytest.raises(ValueError, match=r"action dim 2 .* outside \[-1, 1\] \(clipped at inference\)"):
+        check_unnormalized_ranges(
+            {"wide": {"action": {**summarize(wide), "mask": [True, True, False] + [True] * 3 + [False]}}}
+        )

@@ -292,7 +292,7 @@ def test_a_two_camera_model_trains_on_a_dataset_with_a_wrist_camera(tmp_path: Pa
             image=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
             wrist_image=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
             state=rng.normal(size=(10, 8)).astype(np.float32),
-            action=rng.uniform(-1, 1, (10, 7)).astype(np.float32),
+            action=np.concatenate([rng.uniform(-1, 1, (10, 6)), rng.integers(0, 2, (10, 1))], 1).astype(np.float32),
             language_instruction=np.array("open the drawer"),
         )
     build_rlds(["episodes", "--source", str(tmp_path / "episodes"), "--out", str(tmp_path / "rlds"), "--name", "two"])

@@ -30,7 +30,7 @@ from datasets.rlds import (
     open_builder,
     sources_from_config,
 )
-from datasets.statistics import STATISTICS_FILE
+from datasets.statistics import STATISTICS_FILE, check_unnormalized_ranges
 from models.checkpoint import save_checkpoint
 from models.finetune import apply_finetune_mode
 from models.policy import Policy
@@ -223,6 +223,7 @@ def train(cfg: DictConfig) -> dict:
     check_inputs_used(model, cfg.loader, sources)
     with accelerator.main_process_first():
         statistics = compute_all_statistics(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
+    check_unnormalized_ranges(statistics)
     check_input_sizes(model, sources, statistics)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
