@@ -31,6 +31,20 @@ install_vulkan() {
   fi
 }
 
+install_system_libs() {
+  # opencv-python (cv2: every script's image code, and SAPIEN's) loads the system's libGL and glib; a minimal Debian
+  # lacks them. Debian's own python3 makes venvs only with python3-venv (ensurepip).
+  if [ "${SKIP_APT:-0}" = 1 ] || ! command -v apt-get >/dev/null; then return; fi
+  local missing=() pkg
+  for pkg in libgl1 libglib2.0-0; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  "$PYTHON" -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
+  if [ "${#missing[@]}" -eq 0 ]; then return; fi
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 install_python() {
   local stamp="$VENV/.requirements.sha256" want
   want="$(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
@@ -50,5 +64,6 @@ install_python() {
 }
 
 install_vulkan
+install_system_libs
 install_python
 echo "setup: ready ($VENV)"

@@ -239,7 +239,8 @@ def train(cfg: DictConfig) -> dict:
         )
     model.set_statistics(statistics, unnorm_key or sources[0].key)
     accelerator.print(
-        f"model: {type(model).__name__} {counts['total'] / 1e6:.2f}M params, {counts['trainable'] / 1e6:.2f}M trainable"
+        f"model: {type(model).__name__} {counts['total'] / 1e6:.2f}M params, "
+        f"{counts['trainable'] / 1e6:.2f}M trainable, on {accelerator.device} (device={cfg.device})"
     )
 
     optimizer = instantiate(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
