@@ -11,6 +11,7 @@ def main(cfg: DictConfig) -> None:
     if not cfg.ckpt:
         raise SystemExit("serve.py: ckpt is required: python serve.py ckpt=<checkpoint dir>")
     from models import load_config, load_policy
+    from models.ensemble import robot_gripper
     from serving import PolicyServer, run_server
 
     try:
@@ -28,12 +29,7 @@ def main(cfg: DictConfig) -> None:
     except ValueError as error:
         raise SystemExit(f"serve.py: {error}") from None
     # The ensembled gripper is snapped back to the robot's open or closed value, as CogACT's adapters do.
-    gripper = robot.get("gripper")
-    ensemble = {
-        "horizon": cfg.ensemble.horizon,
-        "alpha": cfg.ensemble.alpha,
-        "gripper": None if gripper is None else (float(gripper.closed), float(gripper.open)),
-    }
+    ensemble = {"horizon": cfg.ensemble.horizon, "alpha": cfg.ensemble.alpha, "gripper": robot_gripper(robot)}
     server = PolicyServer(
         policy,
         robot.observation_keys,

@@ -96,12 +96,16 @@ def load_statistics(path: str | Path) -> dict:
     return stats
 
 
+def default_unnorm_key(stats: dict, unnorm_key: str | None) -> str | None:
+    """unnorm_key when given, else the only key of the statistics; None when they hold several (one must be named)."""
+    return unnorm_key or (next(iter(stats)) if len(stats) == 1 else None)
+
+
 def select_statistics(stats: dict, unnorm_key: str | None) -> tuple[str, dict]:
     """The entry for unnorm_key; it may be omitted only when the file holds exactly one key."""
+    unnorm_key = default_unnorm_key(stats, unnorm_key)
     if unnorm_key is None:
-        if len(stats) != 1:
-            raise ValueError(f"these statistics hold several datasets {sorted(stats)}: pass unnorm_key=<one of them>")
-        unnorm_key = next(iter(stats))
+        raise ValueError(f"these statistics hold several datasets {sorted(stats)}: pass unnorm_key=<one of them>")
     if unnorm_key not in stats:
         raise KeyError(f"unnorm_key {unnorm_key!r} not in the statistics; available: {sorted(stats)}")
     return unnorm_key, stats[unnorm_key]

@@ -26,7 +26,13 @@ from safetensors.torch import load_file, load_model, save_file
 
 from datasets.atomic import replace_dir, write_json_atomic
 from datasets.crop import check_roi
-from datasets.statistics import NORM_STATS_FILE, STATISTICS_FILE, select_statistics, to_norm_stats
+from datasets.statistics import (
+    NORM_STATS_FILE,
+    STATISTICS_FILE,
+    default_unnorm_key,
+    select_statistics,
+    to_norm_stats,
+)
 from models.finetune import add_lora_adapters
 from models.policy import Policy
 
@@ -73,7 +79,7 @@ def save_checkpoint(
     try:
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(tmp / STATISTICS_FILE, statistics)
-        unnorm_key = cfg.get("unnorm_key") or (next(iter(statistics)) if len(statistics) == 1 else None)
+        unnorm_key = default_unnorm_key(statistics, cfg.get("unnorm_key"))
         if unnorm_key is not None:  # openpi's file holds one dataset's statistics
             write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
         state = state_dict if state_dict is not None else model.state_dict()

@@ -4,6 +4,7 @@ its cosine similarity to the newest prediction (w_i ~ exp(alpha * cos(a_i, a_new
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -39,3 +40,10 @@ class AdaptiveEnsembler:
             closed, opened = self.gripper
             action[-1] = opened if abs(action[-1] - opened) <= abs(action[-1] - closed) else closed
         return action
+
+
+def robot_gripper(robot: Mapping) -> tuple[float, float] | None:
+    """A robot config's gripper values (closed, open), which AdaptiveEnsembler snaps the blend to; None when the
+    config names none."""
+    gripper = robot.get("gripper")
+    return None if gripper is None else (float(gripper["closed"]), float(gripper["open"]))

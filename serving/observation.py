@@ -39,6 +39,28 @@ def required_fields(state_dim: int | None, wrist: bool = False) -> tuple[str, ..
     return (*REQUIRED, *(("wrist_image",) if wrist else ()), *(("state",) if state_dim else ()))
 
 
+_EXAMPLE_KEYS = {
+    "image": "observation/image",
+    "prompt": "prompt",
+    "wrist_image": "observation/wrist_image",
+    "state": "observation/state",
+}
+
+
+def check_observation_keys(observation_keys: Mapping[str, str | None], policy: Policy) -> None:
+    """Every field a client must send to this policy (required_fields) has the client's key for it in
+    robot.observation_keys: ValueError naming the first that has none. The server checks it at start, train.py
+    before the first step."""
+    for name in required_fields(policy.proprio_dim, policy.reads_wrist_image):
+        if not observation_keys.get(name):
+            why = {"state": f"model.proprio_dim={policy.proprio_dim}", "wrist_image": "model.wrist_image=true"}
+            raise ValueError(
+                f"{why.get(name, f'the {name} is required')} but robot.observation_keys.{name} is null: name the key "
+                f"clients send it under, e.g. robot.observation_keys.{name}={_EXAMPLE_KEYS[name]}; "
+                f"got {dict(observation_keys)}"
+            )
+
+
 def expected_form(observation_keys: Mapping[str, str | None], state_dim: int | None = None, wrist: bool = False) -> str:
     """The message a client must send, e.g. '{"image": uint8 [H, W, 3] (or float in [0, 1]), "prompt": str}'."""
     required = required_fields(state_dim, wrist)

@@ -49,7 +49,13 @@ from websockets.http11 import Request, Response
 
 from models.ensemble import AdaptiveEnsembler
 from models.policy import Observation, Policy
-from serving.observation import REQUIRED, ObservationError, expected_form, policy_observation, required_fields
+from serving.observation import (
+    ObservationError,
+    check_observation_keys,
+    expected_form,
+    policy_observation,
+    required_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,22 +107,7 @@ class PolicyServer:
         self.max_batch_size, self.max_wait_ms, self.workers = max_batch_size, max_wait_ms, workers
         self.max_message_bytes = max_message_bytes
         self.ensemble = dict(ensemble) if ensemble else None
-        unmapped = [name for name in REQUIRED if not observation_keys.get(name)]
-        if unmapped:
-            raise ValueError(
-                f"robot.observation_keys must name the client key of {unmapped}; got {dict(observation_keys)}"
-            )
-        if policy.proprio_dim and not observation_keys.get("state"):
-            raise ValueError(
-                f"the model reads a robot state of {policy.proprio_dim} values (model.proprio_dim) but "
-                f"robot.observation_keys.state is null: name the key its clients send it under, e.g. "
-                f"robot.observation_keys.state=observation/state; got {dict(observation_keys)}"
-            )
-        if policy.reads_wrist_image and not observation_keys.get("wrist_image"):
-            raise ValueError(
-                "the model reads the wrist camera (model.wrist_image) but robot.observation_keys.wrist_image is null: "
-                f"name the key its clients send it under, e.g. observation/wrist_image; got {dict(observation_keys)}"
-            )
+        check_observation_keys(observation_keys, policy)
         self.policy = policy
         self.observation_keys = dict(observation_keys)
         self.api_key = api_key

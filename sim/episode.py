@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.atomic import write_json_atomic
-from models.ensemble import AdaptiveEnsembler
+from models.ensemble import AdaptiveEnsembler, robot_gripper
 from sim.actions import ACTION_DIM, ChunkExecution, to_env_action
 from sim.client import PolicyClient, PolicyConnectionError
 from sim.video import EpisodeVideo
@@ -266,8 +266,7 @@ def evaluate(
     def execution() -> ChunkExecution:
         ensembler = None
         if settings.ensemble_horizon is not None:
-            gripper = (float(robot["gripper"]["closed"]), float(robot["gripper"]["open"]))
-            ensembler = AdaptiveEnsembler(settings.ensemble_horizon, settings.ensemble_alpha, gripper)
+            ensembler = AdaptiveEnsembler(settings.ensemble_horizon, settings.ensemble_alpha, robot_gripper(robot))
         return ChunkExecution(settings.execute_steps, ensembler)
 
     executions = [execution() for _ in clients]

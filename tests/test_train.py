@@ -221,7 +221,8 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     from types import SimpleNamespace
 
     from datasets.rlds import RLDSSource
-    from training.loop import check_input_sizes, check_inputs_used, check_robot_keys
+    from serving.observation import check_observation_keys
+    from training.loop import check_input_sizes, check_inputs_used
 
     source = RLDSSource(name="mine", data_dir="/nowhere", aux_key="observation/object_pos")
     stats = {"mine": {"proprio": {"q01": [0.0] * 8}, "aux": {"q01": [0.0] * 6}}}
@@ -233,10 +234,10 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     with pytest.raises(ValueError, match=r"model.proprio_dim=8 but dataset 'mine' sets no state_key"):
         check_input_sizes(SimpleNamespace(proprio_dim=8, aux_dim=None), [no_state], {"mine": {}})
     keys = {"image": "image", "prompt": "prompt", "state": None}
-    check_robot_keys(SimpleNamespace(proprio_dim=None), OmegaConf.create({"observation_keys": keys}))
+    check_observation_keys(keys, SimpleNamespace(proprio_dim=None, reads_wrist_image=False))
     with pytest.raises(ValueError, match=r"model.proprio_dim=8 but robot.observation_keys.state is null"):
-        check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": keys}))
-    check_robot_keys(SimpleNamespace(proprio_dim=8), OmegaConf.create({"observation_keys": {**keys, "state": "s"}}))
+        check_observation_keys(keys, SimpleNamespace(proprio_dim=8, reads_wrist_image=False))
+    check_observation_keys({**keys, "state": "s"}, SimpleNamespace(proprio_dim=8, reads_wrist_image=False))
     one_camera = SimpleNamespace(reads_wrist_image=False)
     check_inputs_used(one_camera, OmegaConf.create({"use_wrist_image": False}))
     with pytest.raises(ValueError, match=r"loader\.use_wrist_image=true but SimpleNamespace reads"):
@@ -248,9 +249,7 @@ def test_optional_input_sizes_are_checked_before_training() -> None:
     with pytest.raises(ValueError, match=r"dataset\(s\) \['mine'\] set no wrist_image_key"):
         check_inputs_used(two_cameras, OmegaConf.create({"use_wrist_image": True}), [source])
     with pytest.raises(ValueError, match=r"model.wrist_image=true but robot.observation_keys.wrist_image is null"):
-        check_robot_keys(
-            SimpleNamespace(proprio_dim=None, reads_wrist_image=True), OmegaConf.create({"observation_keys": keys})
-        )
+        check_observation_keys(keys, SimpleNamespace(proprio_dim=None, reads_wrist_image=True))
 
 
 def test_validation_loss_does_not_depend_on_the_global_rng(sample_rlds) -> None:

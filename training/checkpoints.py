@@ -121,13 +121,13 @@ def run_settings(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(_flatten(tree)))  # as trainer.json stores them (tuples become lists)
 
 
-def check_resume_settings(trainer_state: dict, cfg: DictConfig, run_dir: Path) -> None:
-    """A resumed run trains with the settings its first part did (a different batch size would also shift the data
-    position): ValueError naming every setting that differs, with the command line the run was started with."""
+def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path) -> None:
+    """A resumed run trains with the settings its first part did (`now`: this command's run_settings; a different
+    batch size would also shift the data position): ValueError naming every setting that differs, with the command
+    line the run was started with."""
     saved = trainer_state.get("settings")
     if saved is None:  # a state saved before the settings were recorded
         return
-    now = run_settings(cfg)
     differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>"))
     if not differ:
         return

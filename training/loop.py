@@ -30,10 +30,11 @@ from datasets.rlds import (
     open_builder,
     sources_from_config,
 )
-from datasets.statistics import STATISTICS_FILE, check_unnormalized_ranges
+from datasets.statistics import STATISTICS_FILE, check_unnormalized_ranges, default_unnorm_key
 from models.checkpoint import save_checkpoint
 from models.finetune import apply_finetune_mode
 from models.policy import Policy
+from serving.observation import check_observation_keys
 from training.checkpoints import (
     check_resume_settings,
     keep_trained_weights,
@@ -161,21 +162,6 @@ def check_inputs_used(model: Policy, loader: DictConfig, sources: list | None = 
         )
 
 
-def check_robot_keys(model: Policy, robot: DictConfig) -> None:
-    """A model that reads a state or the wrist camera can be served it: the robot names the client's key for it."""
-    keys = robot.get("observation_keys") or {}
-    for needed, name, example in (
-        (model.proprio_dim, "state", "observation/state"),
-        (getattr(model, "reads_wrist_image", False), "wrist_image", "observation/wrist_image"),
-    ):
-        if needed and not keys.get(name):
-            what = f"model.proprio_dim={needed}" if name == "state" else "model.wrist_image=true"
-            raise ValueError(
-                f"{what} but robot.observation_keys.{name} is null: the server could not read it from clients; "
-                f"name their key, e.g. robot.observation_keys.{name}={example}"
-            )
-
-
 def check_input_sizes(model: Policy, sources: list, statistics: dict) -> None:
     """The sizes of the optional inputs (proprio state, auxiliary target) a model takes agree with every dataset's."""
     for attribute, entry, key_field in (("proprio_dim", "proprio", "state_key"), ("aux_dim", "aux", "aux_key")):
@@ -207,9 +193,10 @@ def train(cfg: DictConfig) -> dict:
     accelerator = _accelerator(cfg)
     set_seed(cfg.seed, device_specific=True)
     run_dir = Path(cfg.paths.output_dir)
+    settings = run_settings(cfg)
     resumed = read_trainer_state(run_dir) if cfg.resume else None
     if resumed is not None:
-        check_resume_settings(resumed, cfg, run_dir)
+        check_resume_settings(resumed, settings, run_dir)
     overrides = resumed.get("overrides") if resumed is not None else _command_line_overrides()
 
     # Fail fast, before any long step: data layout and sizes, then the model (base weights, HF_TOKEN), then statistics.
@@ -219,7 +206,7 @@ def train(cfg: DictConfig) -> dict:
     model: Policy = instantiate(cfg.model)
     if model.action_dim != cfg.robot.action_dim:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
-    check_robot_keys(model, cfg.robot)
+    check_observation_keys(cfg.robot.get("observation_keys") or {}, model)  # it can be served what it reads
     check_inputs_used(model, cfg.loader, sources)
     with accelerator.main_process_first():
         statistics = compute_all_statistics(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
@@ -231,7 +218,7 @@ def train(cfg: DictConfig) -> dict:
     counts = apply_finetune_mode(model, cfg.finetune.mode, OmegaConf.to_container(lora) if lora is not None else None)
     # Which statistics the checkpoint un-normalizes with: the one key, or the one named. With several and none named
     # the checkpoint names none, and serving it asks for unnorm_key= (as CogACT and OpenVLA do).
-    unnorm_key = cfg.unnorm_key or (next(iter(statistics)) if len(statistics) == 1 else None)
+    unnorm_key = default_unnorm_key(statistics, cfg.unnorm_key)
     if unnorm_key is None:
         accelerator.print(
             f"the statistics hold {len(statistics)} datasets {sorted(statistics)} and unnorm_key is null: serve.py and "
@@ -274,7 +261,6 @@ def train(cfg: DictConfig) -> dict:
         accelerator.print("validation is skipped under FSDP2 (sharded weights); evaluate the checkpoints instead")
         val_data = None
     keys = [s.key for s in sources]
-    settings = run_settings(cfg)
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
     # The checkpoint says what it trained on: the statistics it un-normalizes with, and the camera resolution of
