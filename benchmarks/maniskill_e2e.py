@@ -20,13 +20,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from sim.maniskill import CAMERA_ROBOTS
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("PushCube-v1", "PickCube-v1", "StackCube-v1")
 EVAL_SEED_OFFSET = 100_000  # demonstrations use seeds from 0; evaluation seeds never overlap them
 DEFAULT_CAMERA_SIZE = 128  # ManiSkill's default camera resolution
+WRIST_CAMERA = "hand_camera"  # robot=maniskill_panda's wrist_camera
+# What train.py and the evaluation need for a policy that reads the wrist camera too: the model's second image, the
+# key clients send it under (robot=maniskill_panda names none by default), the RLDS key it is stored under.
+WRIST_TRAIN_OVERRIDES = ("model.wrist_image=true", "robot.observation_keys.wrist_image=wrist_image")
+WRIST_IMAGE_KEY = "observation/wrist_image"
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> str:
@@ -49,27 +57,43 @@ def last_line_value(stdout: str, prefix: str) -> str:
     return lines[-1].removeprefix(prefix).strip()
 
 
-def with_camera_size(source: Path, camera_size: int) -> Path:
-    """A copy of a recorded trajectory's .json whose env kwargs render the cameras at camera_size px (its .h5 linked
-    beside it), for replay_trajectory, which makes the replay env from those kwargs."""
-    variant = source.with_name(f"{source.stem}_{camera_size}px.h5")
-    info = json.loads(source.with_suffix(".json").read_text())
-    kwargs = info["env_info"]["env_kwargs"]
-    kwargs["sensor_configs"] = {**(kwargs.get("sensor_configs") or {}), "width": camera_size, "height": camera_size}
-    variant.with_suffix(".json").write_text(json.dumps(info))
-    if not variant.exists():
-        variant.symlink_to(source.name)
-    return variant
+@dataclass(frozen=True)
+class Cameras:
+    """How the demonstrations are rendered on replay: the cameras' px, and whether the wrist camera (hand_camera)
+    is recorded beside base_camera, on the panda_wristcam robot (the Panda with a camera mount)."""
+
+    size: int = DEFAULT_CAMERA_SIZE
+    wrist: bool = False
+
+    @property
+    def suffix(self) -> str:
+        return ("_wrist" if self.wrist else "") + ("" if self.size == DEFAULT_CAMERA_SIZE else f"_{self.size}px")
+
+    def dir(self, work: Path, name: str) -> Path:
+        """work/<name> for ManiSkill's default rendering, work/<name>_wrist, work/<name>_<N>px, ... otherwise."""
+        return work / f"{name}{self.suffix}"
+
+    def recording(self, source: Path) -> Path:
+        """The recorded trajectory to replay: `source` itself for the default rendering, else a copy of its .json
+        (the .h5 linked beside it) whose env kwargs render these cameras; replay_trajectory makes its env from them.
+        The motion-planning joint targets replay on panda_wristcam as on the Panda."""
+        if not self.suffix:
+            return source
+        variant = source.with_name(f"{source.stem}{self.suffix}.h5")
+        info = json.loads(source.with_suffix(".json").read_text())
+        kwargs = info["env_info"]["env_kwargs"]
+        kwargs["sensor_configs"] = {**(kwargs.get("sensor_configs") or {}), "width": self.size, "height": self.size}
+        if self.wrist:
+            kwargs["robot_uids"] = CAMERA_ROBOTS[WRIST_CAMERA]
+        variant.with_suffix(".json").write_text(json.dumps(info))
+        if not variant.exists():
+            variant.symlink_to(source.name)
+        return variant
 
 
-def sized(work: Path, name: str, camera_size: int) -> Path:
-    """work/<name>, or work/<name>_<N>px for demos rendered at another camera size than ManiSkill's default."""
-    return work / (name if camera_size == DEFAULT_CAMERA_SIZE else f"{name}_{camera_size}px")
-
-
-def replayed_file(task: str, work: Path, camera_size: int) -> Path | None:
+def replayed_file(task: str, work: Path, cameras: Cameras) -> Path | None:
     """The task's replayed pd_ee_delta_pose RGB demonstrations (.h5) on disk, or None."""
-    return next((sized(work, "demos", camera_size) / task).glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
+    return next((cameras.dir(work, "demos") / task).glob(f"{task}.rgb.pd_ee_delta_pose.*.h5"), None)
 
 
 def recorded(trajectory: Path) -> int:
@@ -87,20 +111,18 @@ def discard(trajectory: Path, count: int) -> None:
     trajectory.unlink()
 
 
-def record_demos(
-    task: str, count: int, work: Path, logs: Path, envs: int = 1, camera_size: int = DEFAULT_CAMERA_SIZE
-) -> Path:
+def record_demos(task: str, count: int, work: Path, logs: Path, envs: int = 1, cameras: Cameras = Cameras()) -> Path:
     """`count` motion-planning demos (pd_joint_pos), replayed into pd_ee_delta_pose with RGB observations of
-    camera_size px by `envs` processes; returns the replayed .h5 path. Stages whose output holds `count` demos are
+    `cameras` by `envs` processes; returns the replayed .h5 path. Stages whose output holds `count` demos are
     skipped: a replay of another count is redone, a recording of fewer demos is recorded anew."""
-    out = sized(work, "demos", camera_size) / task
+    out = cameras.dir(work, "demos") / task
     source = work / "demos" / task / "motionplanning" / f"{task}.h5"
-    replayed = replayed_file(task, work, camera_size)
+    replayed = replayed_file(task, work, cameras)
     if replayed is not None and recorded(replayed) != count:
         discard(replayed, count)
     if source.is_file() and recorded(source) < count:
         discard(source, count)
-    if replayed_file(task, work, camera_size) is None:
+    if replayed_file(task, work, cameras) is None:
         if not source.is_file():
             run(
                 [
@@ -121,7 +143,7 @@ def record_demos(
                 ],
                 logs / f"record_{task}.log",
             )
-        recording = source if camera_size == DEFAULT_CAMERA_SIZE else with_camera_size(source, camera_size)
+        recording = cameras.recording(source)
         run(
             [
                 sys.executable,
@@ -150,13 +172,13 @@ def record_demos(
     return replayed
 
 
-def replayed_demos(task: str, work: Path, camera_size: int = DEFAULT_CAMERA_SIZE) -> Path:
+def replayed_demos(task: str, work: Path, cameras: Cameras = Cameras()) -> Path:
     """The task's replayed demonstrations already on disk (--ckpt sizes its episode budget by them), or a clear
     error."""
-    found = replayed_file(task, work, camera_size)
+    found = replayed_file(task, work, cameras)
     if found is None or not recorded(found):
         raise SystemExit(
-            f"--ckpt: no replayed {task} demonstrations under {sized(work, 'demos', camera_size) / task} (their "
+            f"--ckpt: no replayed {task} demonstrations under {cameras.dir(work, 'demos') / task} (their "
             "lengths set the episode budget): run the recipe once without --ckpt"
         )
     return found
@@ -190,9 +212,9 @@ def hydra_value(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def sources_override(tasks: list[str], weights: dict[str, float] | None = None) -> str:
+def sources_override(tasks: list[str], weights: dict[str, float] | None = None, wrist: bool = False) -> str:
     """The train.py override that keeps the experiment config's dataset sources of these tasks, in their order, with
-    the mixture weights given (a task not named keeps its config's weight)."""
+    the mixture weights given (a task not named keeps its config's weight), reading the wrist camera if `wrist`."""
     from omegaconf import OmegaConf
 
     config = REPO / "conf" / "experiment" / "maniskill_e2e.yaml"
@@ -202,6 +224,8 @@ def sources_override(tasks: list[str], weights: dict[str, float] | None = None) 
         raise SystemExit(f"{config} has no dataset source {missing}: add one per task (its sources: {list(sources)})")
     weights = weights or {}
     chosen = [sources[dataset_name(task)] | ({"weight": weights[task]} if task in weights else {}) for task in tasks]
+    if wrist:
+        chosen = [source | {"wrist_image_key": WRIST_IMAGE_KEY} for source in chosen]
     return "dataset.sources=" + hydra_value(chosen)
 
 
@@ -236,7 +260,8 @@ def train_stages(
     stage's wall time goes into `wall`."""
     started = time.perf_counter()
     envs = 1 if args.mini else args.replay_envs
-    trajectories = [record_demos(task, counts[task], work, logs, envs, args.camera_size) for task in args.tasks]
+    cameras = Cameras(args.camera_size, args.wrist_camera)
+    trajectories = [record_demos(task, counts[task], work, logs, envs, cameras) for task in args.tasks]
     wall["demonstrations_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -256,13 +281,16 @@ def train_stages(
                 str(args.camera_size),
                 "--shards",
                 "1" if args.mini else "2",
+                *(["--wrist-camera", WRIST_CAMERA] if args.wrist_camera else []),
             ]
         )
     wall["rlds_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     train_dir = work / "runs" / stamp
-    overrides = [f"hydra.run.dir={train_dir}", sources_override(args.tasks, weights)]
+    overrides = [f"hydra.run.dir={train_dir}", sources_override(args.tasks, weights, args.wrist_camera)]
+    if args.wrist_camera:
+        overrides += WRIST_TRAIN_OVERRIDES
     if args.train_steps is not None:
         overrides.append(f"max_steps={args.train_steps}")
     if args.mini:
@@ -307,6 +335,12 @@ def main() -> None:
     parser.add_argument(
         "--camera-size", type=int, default=DEFAULT_CAMERA_SIZE, help="px of the demos' and evaluation's camera"
     )
+    parser.add_argument(
+        "--wrist-camera",
+        action="store_true",
+        help="demos replayed on panda_wristcam, the RLDS sets with its hand_camera as observation/wrist_image, a "
+        "policy reading both cameras (model.wrist_image=true), evaluated with both; --ckpt: read from its config",
+    )
     parser.add_argument("--replay-envs", type=int, default=os.cpu_count() or 1, help="processes replaying demos")
     parser.add_argument("--train-steps", type=int, default=None, help="default: the experiment config's max_steps")
     parser.add_argument("--workers", type=int, default=2, help="evaluation env processes")
@@ -344,8 +378,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.eval_seed < EVAL_SEED_OFFSET:
         parser.error(f"--eval-seed {args.eval_seed}: seeds below {EVAL_SEED_OFFSET} may be demonstrations' seeds")
-    if args.ckpt is not None and not (args.ckpt / "config.yaml").is_file():
-        parser.error(f"--ckpt {args.ckpt} is not a checkpoint dir (it has no config.yaml)")
+    if args.ckpt is not None:
+        if not (args.ckpt / "config.yaml").is_file():
+            parser.error(f"--ckpt {args.ckpt} is not a checkpoint dir (it has no config.yaml)")
+        from omegaconf import OmegaConf
+
+        args.wrist_camera = bool(OmegaConf.load(args.ckpt / "config.yaml").model.get("wrist_image", False))
     if args.mini:
         args.tasks, args.demos, args.train_steps, args.eval_episodes = args.tasks[:1], 2, 4, 1
     weights, demos = dict(args.task_weights), dict(args.task_demos)
@@ -358,7 +396,8 @@ def main() -> None:
     revision = git_revision()  # the code the run starts from, whatever is committed while it runs
     work, stamp = args.work_dir, datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     logs = work / "logs" / stamp
-    data = sized(work, "data", args.camera_size)
+    cameras = Cameras(args.camera_size, args.wrist_camera)
+    data = cameras.dir(work, "data")
     env = {**os.environ, "VLA_DATA_DIR": str(data), "TF_CPP_MIN_LOG_LEVEL": "2"}
     wall: dict[str, float] = {}
 
@@ -366,7 +405,7 @@ def main() -> None:
         counts = {task: demos.get(task, args.demos) for task in args.tasks}
         trajectories, checkpoint = train_stages(args, counts, weights, work, data, logs, stamp, env, wall)
     else:
-        trajectories, checkpoint = [replayed_demos(task, work, args.camera_size) for task in args.tasks], str(args.ckpt)
+        trajectories, checkpoint = [replayed_demos(task, work, cameras) for task in args.tasks], str(args.ckpt)
 
     success: dict[str, dict] = {}
     for task, trajectory in zip(args.tasks, trajectories, strict=True):

@@ -8,6 +8,10 @@
     # files make one dataset, each episode with its task's instruction (sim.maniskill.TASK_PROMPTS or --instruction)
     python -m datasets.build_rlds maniskill --source demos/PickCube-v1/trajectory.rgb.pd_ee_delta_pose.h5 \
         --out data/rlds --name maniskill_pickcube
+    # ... with the wrist camera as observation/wrist_image: demos replayed on the panda_wristcam robot (set
+    # env_kwargs.robot_uids in the recording's .json before replay_trajectory, as maniskill_e2e.py --wrist-camera does)
+    python -m datasets.build_rlds maniskill --source demos/PickCube-v1/trajectory.rgb.pd_ee_delta_pose.h5 \
+        --out data/rlds --name maniskill_pickcube_wrist --wrist-camera hand_camera
 
     # a LeRobot dataset (v2.0, v2.1 or v3.0 layout): a local dir or a Hub dataset id (HF_TOKEN for gated ones)
     # (openpi's LIBERO conversion here: its actions keep LIBERO's gripper, so train with libero_gripper)
@@ -78,8 +82,29 @@ def episode_files(source: Path) -> list[Path]:
     return files
 
 
-def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) -> Iterator[dict]:
-    """Episodes of a ManiSkill3 trajectory file (its .json metadata beside it), successful or not."""
+def camera_frames(group: h5py.Group, camera: str, source: str) -> np.ndarray:
+    """One recorded episode's rgb frames of `camera`, or a clear error naming the cameras it has."""
+    sensors = group.get("obs/sensor_data")
+    if sensors is None or camera not in sensors:
+        available = list(sensors.keys()) if sensors is not None else []
+        hint = (
+            "; the wrist camera exists on the panda_wristcam robot: replay with env_kwargs.robot_uids "
+            "'panda_wristcam' in the trajectory's .json (benchmarks/maniskill_e2e.py --wrist-camera does)"
+            if camera == "hand_camera"
+            else ""
+        )
+        raise KeyError(
+            f"{source}: {group.name.lstrip('/')} has no rgb images of camera {camera!r} (cameras: {available}); "
+            f"replay with `-o rgb`{hint}"
+        )
+    return sensors[camera]["rgb"][()]
+
+
+def maniskill_episodes(
+    traj_path: Path, camera: str, instruction: str | None, wrist_camera: str | None = None
+) -> Iterator[dict]:
+    """Episodes of a ManiSkill3 trajectory file (its .json metadata beside it), successful or not; `wrist_camera`'s
+    frames become observation/wrist_image."""
     meta_path = traj_path.with_suffix(".json")
     if not traj_path.is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"need {traj_path} and {meta_path} (ManiSkill3 trajectory + metadata)")
@@ -99,13 +124,8 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
     with h5py.File(traj_path, "r") as f:
         for episode in meta["episodes"]:
             group = f[f"traj_{episode['episode_id']}"]
-            sensors = group.get("obs/sensor_data")
-            if sensors is None or camera not in sensors:
-                available = list(sensors.keys()) if sensors is not None else []
-                raise KeyError(
-                    f"{traj_path}: traj_{episode['episode_id']} has no rgb images of camera {camera!r} "
-                    f"(cameras: {available}); replay with `-o rgb`"
-                )
+            image = camera_frames(group, camera, str(traj_path))
+            wrist = camera_frames(group, wrist_camera, str(traj_path)) if wrist_camera else None
             actions = group["actions"][()].astype(np.float32)
             steps = len(actions)
             goal = group["obs/extra/goal_pos"][()][:steps] if "obs/extra/goal_pos" in group else None
@@ -119,7 +139,8 @@ def maniskill_episodes(traj_path: Path, camera: str, instruction: str | None) ->
                     print(f"{traj_path.name}: no observation/object_pos written: {e}", flush=True)
                     skip_objects = True
             yield {
-                "image": group[f"obs/sensor_data/{camera}/rgb"][()][:steps],
+                "image": image[:steps],
+                "wrist_image": wrist[:steps] if wrist is not None else None,
                 "state": state,
                 "object_pos": objects,
                 "action": actions,
@@ -197,6 +218,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--wrist-image-size", type=int, default=None, help="the same for the wrist camera")
     parser.add_argument("--camera", default="base_camera", help="ManiSkill camera written as observation/image")
     parser.add_argument(
+        "--wrist-camera",
+        default=None,
+        help="ManiSkill camera written as observation/wrist_image (hand_camera: demos replayed on panda_wristcam)",
+    )
+    parser.add_argument(
         "--instruction", default=None, help="ManiSkill, LeRobot: language instruction (default: the episode's task)"
     )
     parser.add_argument("--image-key", default=None, help="LeRobot: camera feature (default: the first camera)")
@@ -222,7 +248,11 @@ def main(argv: list[str] | None = None) -> Path:
         keys = LeRobotKeys(args.image_key, args.wrist_image_key, args.state_key, args.action_key)
         path = build(dataset.episode_iter(keys, args.instruction), len(dataset.episodes), args)
     else:
-        episodes = (e for source in args.source for e in maniskill_episodes(source, args.camera, args.instruction))
+        episodes = (
+            e
+            for source in args.source
+            for e in maniskill_episodes(source, args.camera, args.instruction, args.wrist_camera)
+        )
         path = build(episodes, None, args)
     print(f"dataset: {path}")
     return path

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from datasets.build_rlds import main as build_rlds
 from datasets.rlds import RLDSSource, compute_statistics, image_side, open_builder
@@ -69,7 +70,9 @@ def test_episode_file_missing_a_key_is_named(tmp_path) -> None:
         build_rlds(["episodes", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--name", "x"])
 
 
-def _write_maniskill_trajectory(path, lengths: list[int], objects: tuple = ("cube", "goal_site")) -> list[np.ndarray]:
+def _write_maniskill_trajectory(
+    path, lengths: list[int], objects: tuple = ("cube", "goal_site"), cameras: tuple = ("base_camera",)
+) -> list[np.ndarray]:
     """A ManiSkill3 trajectory file (.h5 + .json) as replay_trajectory writes it for PickCube-v1; returns each
     episode's actor states of the cube."""
     import json
@@ -86,7 +89,11 @@ def _write_maniskill_trajectory(path, lengths: list[int], objects: tuple = ("cub
             group["obs/extra/tcp_pose"] = np.concatenate([rng.normal(size=(steps + 1, 3)), quaternion], 1)
             group["obs/agent/qpos"] = rng.normal(size=(steps + 1, 9))
             group["obs/extra/goal_pos"] = rng.normal(size=(steps + 1, 3))
-            group["obs/sensor_data/base_camera/rgb"] = rng.integers(0, 256, (steps + 1, 16, 16, 3), dtype=np.uint8)
+            for k, camera in enumerate(cameras):  # flat frames, a level per camera and step (JPEG keeps them)
+                levels = 40 * k + 3 * np.arange(steps + 1, dtype=np.uint8)
+                group[f"obs/sensor_data/{camera}/rgb"] = np.broadcast_to(
+                    levels[:, None, None, None], (steps + 1, 16, 16, 3)
+                )
             cubes.append(rng.normal(size=(steps + 1, 13)).astype(np.float32))
             for name in objects:
                 group[f"env_states/actors/{name}"] = cubes[-1] if name == "cube" else rng.normal(size=(steps + 1, 13))
@@ -140,6 +147,54 @@ def test_maniskill_trajectories_carry_the_objects_positions_as_an_aux_target(tmp
     path = build_rlds(["maniskill", "--source", str(crowded), "--out", str(tmp_path / "rlds"), "--name", "poke"])
     assert "object_pos" not in (path / "features.json").read_text()
     assert compute_statistics(RLDSSource(name="poke", data_dir=str(tmp_path / "rlds")), 7)["num_trajectories"] == 4
+
+
+def test_maniskill_wrist_camera_becomes_the_wrist_image(tmp_path) -> None:
+    from datasets.rlds import LoaderConfig, iterate_torch, make_frame_dataset
+
+    trajectory = tmp_path / "PickCube-v1.rgb.pd_ee_delta_pose.physx_cpu.h5"
+    _write_maniskill_trajectory(trajectory, [6, 7], cameras=("base_camera", "hand_camera"))
+    args = [
+        "maniskill",
+        "--source",
+        str(trajectory),
+        "--out",
+        str(tmp_path / "rlds"),
+        "--name",
+        "pick",
+        "--shards",
+        "1",
+    ]
+    build_rlds([*args, "--wrist-camera", "hand_camera"])
+    source = RLDSSource(name="pick", data_dir=str(tmp_path / "rlds"), wrist_image_key="observation/wrist_image")
+    stats = compute_statistics(source, 7)
+    cfg = LoaderConfig(image_size=16, window=1, batch_size=7, val_fraction=0.5, augment=False, use_wrist_image=True)
+    (batch,) = list(iterate_torch(make_frame_dataset([source], {"pick": stats}, cfg, split="val")))
+    # Each camera's own frames, step by step: base 3t, hand 40 + 3t (one episode is held out).
+    images, wrist = (batch[k].float().mean(dim=(1, 2, 3)) for k in ("image", "wrist_image"))
+    np.testing.assert_allclose(wrist - images, 40, atol=1.5)
+    np.testing.assert_allclose(torch.sort(images).values, 3 * np.arange(len(images)), atol=1.5)
+
+    # A one-camera replay (the Panda has no hand_camera): the error names the cameras there and the robot to use.
+    single = tmp_path / "single" / "PickCube-v1.h5"
+    single.parent.mkdir()
+    _write_maniskill_trajectory(single, [5])
+    with pytest.raises(
+        KeyError, match=r"no rgb images of camera 'hand_camera' \(cameras: \['base_camera'\]\).*panda_wristcam"
+    ):
+        build_rlds(
+            [
+                "maniskill",
+                "--source",
+                str(single),
+                "--out",
+                str(tmp_path / "rlds"),
+                "--name",
+                "x",
+                "--wrist-camera",
+                "hand_camera",
+            ]
+        )
 
 
 def test_object_positions_leave_out_the_scene_and_refuse_too_many_objects() -> None:

@@ -72,6 +72,24 @@ def test_recipe_miniature_walks_every_stage(tmp_path: Path) -> None:
     assert frames > 0 and len(errors) == 6 and all(e >= 0 for e in errors)
 
 
+@pytest.mark.slow
+def test_recipe_miniature_with_the_wrist_camera(tmp_path: Path) -> None:
+    """Demos replayed on panda_wristcam, both cameras in the RLDS set, a policy reading both, evaluated with both."""
+    _run_module("benchmarks.maniskill_e2e", "--mini", "--wrist-camera", "--work-dir", str(tmp_path))
+    (replayed,) = (tmp_path / "demos_wrist" / "PushCube-v1").glob("PushCube-v1.rgb.pd_ee_delta_pose.*.h5")
+    with h5py.File(replayed) as demos:
+        base, hand = (demos[f"traj_0/obs/sensor_data/{c}/rgb"][()] for c in ("base_camera", "hand_camera"))
+    assert base.shape == hand.shape and not (base == hand).all(), "two views of the scene"
+    (dataset,) = (tmp_path / "data_wrist" / "rlds" / "maniskill_e2e_pushcube").iterdir()
+    assert "wrist_image" in (dataset / "features.json").read_text()
+    (config,) = (tmp_path / "runs").glob("*/checkpoints/step_*/config.yaml")
+    assert "wrist_image: true" in config.read_text()
+    (results,) = (tmp_path / "eval").glob("*/PushCube-v1/results.json")
+    record = json.loads(results.read_text())
+    assert record["num_episodes"] == 1 and record["config"]["server_metadata"]["wrist_image"] is True
+    assert record["config"]["wrist_camera"] == "hand_camera"
+
+
 def test_evaluating_a_checkpoint_needs_the_task_demos_for_its_budget(monkeypatch, tmp_path: Path) -> None:
     from benchmarks import maniskill_e2e
 
@@ -123,6 +141,29 @@ def test_training_gets_one_source_per_recorded_task_sharing_one_unnorm_key() -> 
     assert (push["weight"], pick["weight"]) == (1.0, 2.0) and pick == {**every_task[1], "weight": 2.0}
     with pytest.raises(SystemExit, match="no dataset source"):
         sources_override(["PegInsertionSide-v1"])
+    (wrist,) = sources(sources_override(["PickCube-v1"], wrist=True))
+    assert wrist == {**every_task[1], "wrist_image_key": "observation/wrist_image"}
+
+
+def test_replays_render_other_cameras_from_a_copy_of_the_recordings_metadata(tmp_path: Path) -> None:
+    from benchmarks.maniskill_e2e import Cameras
+
+    source = tmp_path / "PickCube-v1.h5"
+    source.write_bytes(b"h5")
+    kwargs = {"control_mode": "pd_joint_pos", "sensor_configs": {"shader_pack": "default"}}
+    source.with_suffix(".json").write_text(json.dumps({"env_info": {"env_kwargs": kwargs}, "episodes": []}))
+    assert Cameras().recording(source) == source and Cameras().dir(tmp_path, "demos") == tmp_path / "demos"
+    both = Cameras(96, wrist=True)
+    variant = both.recording(source)
+    assert variant == tmp_path / "PickCube-v1_wrist_96px.h5" and variant.read_bytes() == b"h5"  # linked, not copied
+    changed = json.loads(variant.with_suffix(".json").read_text())["env_info"]["env_kwargs"]
+    assert changed == {
+        **kwargs,
+        "robot_uids": "panda_wristcam",
+        "sensor_configs": {**kwargs["sensor_configs"], "width": 96, "height": 96},
+    }
+    assert both.dir(tmp_path, "data") == tmp_path / "data_wrist_96px"
+    assert json.loads(source.with_suffix(".json").read_text())["env_info"]["env_kwargs"] == kwargs, "left as it was"
 
 
 @pytest.mark.parametrize(
