@@ -62,6 +62,7 @@ def test_cosine_schedule_matches_its_definition() -> None:
     diffusion = GaussianDiffusion(100)
     assert diffusion.ddim_timesteps(10) == [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]
     assert diffusion.ddim_timesteps(3) == [68, 34, 0]  # ADM's "ddim3": the smallest stride giving exactly 3
+    assert diffusion.ddim_timesteps(1) == [50]  # CogACT's special case: one step from the middle, not from t=0
     assert len(diffusion.ddim_timesteps(7)) == 7 and len(diffusion.ddim_timesteps(100)) == 100
     with pytest.raises(ValueError, match=r"ddim_steps=30: .* possible: \[1, 2, .* 25, 34, 50, 100\]"):
         diffusion.ddim_timesteps(30)

@@ -27,9 +27,15 @@ def _cfg(*overrides: str):
 
 
 def _write_official_run(model, run_dir: Path) -> Path:
-    """A tiny model saved exactly as CogACT's training code saves: checkpoints/<name>.pt + config.json + stats."""
+    """A tiny model saved exactly as CogACT's training code saves: checkpoints/<name>.pt + config.json + stats, its
+    modules under Prismatic's names (the ViTs are `dino_featurizer` and `siglip_featurizer` there)."""
     (run_dir / "checkpoints").mkdir(parents=True)
     state = {key: getattr(model, key).state_dict() for key in MODULE_KEYS}
+    prismatic = {"featurizer.": "dino_featurizer.", "fused_featurizer.": "siglip_featurizer."}
+    state["vision_backbone"] = {
+        next(new + name[len(old) :] for old, new in prismatic.items() if name.startswith(old)): value
+        for name, value in state["vision_backbone"].items()
+    }
     torch.save({"model": state}, run_dir / "checkpoints" / "step-010000-epoch-01-loss=0.1000.pt")
     (run_dir / "config.json").write_text(json.dumps({"vla": {"base_vlm": "tiny"}}))
     (run_dir / "dataset_statistics.json").write_text(json.dumps(_stats()))
@@ -69,6 +75,27 @@ def test_official_layout_mismatch_names_the_keys(official_run, tmp_path) -> None
         load_official_weights(instantiate(_cfg().model), str(bad))
     with pytest.raises(FileNotFoundError, match=r"no \*\.pt"):
         load_official_weights(source, str(tmp_path))
+
+
+@pytest.mark.parametrize("module", ["vision_backbone", "projector", "llm_backbone", "action_model"])
+def test_a_module_the_checkpoint_lacks_is_refused_not_left_random(official_run, tmp_path, module: str) -> None:
+    run_dir, source = official_run
+    state = torch.load(next((run_dir / "checkpoints").glob("*.pt")), weights_only=True)
+    assert sorted(state["model"]["vision_backbone"])[0].startswith("dino_featurizer.")  # Prismatic's names
+    del state["model"][module]
+    partial = tmp_path / "partial"
+    (partial / "checkpoints").mkdir(parents=True)
+    torch.save(state, partial / "checkpoints" / "x.pt")
+    model = instantiate(_cfg().model)
+    with pytest.raises(KeyError, match=rf"holds no '{module}' weights .* would stay randomly initialised"):
+        load_official_weights(model, str(partial))
+    if module == "vision_backbone":  # CogACT's frozen-vision runs: timm's pretrained ViTs are kept
+        model.vision_backbone.pretrained = True  # (as model.vision_backbone.pretrained=true builds them)
+        before = {k: v.clone() for k, v in model.vision_backbone.state_dict().items()}
+        report = load_official_weights(model, str(partial))
+        assert report == {"loaded": ["projector", "llm_backbone", "action_model"], "kept": ["vision_backbone"]}
+        assert all(torch.equal(v, before[k]) for k, v in model.vision_backbone.state_dict().items())
+        torch.testing.assert_close(model.projector.state_dict(), source.projector.state_dict())
 
 
 def test_lora_checkpoint_holds_only_trained_weights_and_merges(official_run, tmp_path) -> None:

@@ -36,7 +36,10 @@ class GaussianDiffusion:
 
     def ddim_timesteps(self, num_sampling_steps: int) -> list[int]:
         """Evenly strided original timesteps, newest first (ADM's "ddimN" respacing): [90, 80, ..., 0] for 10 of 100.
-        The stride is the smallest that gives exactly N steps; an N no integer stride gives is refused (as ADM does)."""
+        The stride is the smallest that gives exactly N steps; an N no integer stride gives is refused (as ADM does).
+        One step is CogACT's special case: the middle timestep (50 of 100), not the nearly noise-free 0."""
+        if num_sampling_steps == 1:
+            return [self.num_steps // 2]
         counts = {len(range(0, self.num_steps, stride)): stride for stride in range(self.num_steps, 0, -1)}
         if num_sampling_steps not in counts:
             raise ValueError(

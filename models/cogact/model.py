@@ -17,7 +17,8 @@ from models.cogact.vlm import PrismaticPolicy
 class CogACT(PrismaticPolicy):
     """Sub-module settings are the keyword arguments of DinoSigLIPBackbone, LlamaBackbone and ActionModel.
 
-    repeated_diffusion_steps: noise draws per sample in the loss (CogACT: 4). cfg_scale: classifier-free guidance
+    repeated_diffusion_steps: noise draws per sample in the loss (CogACT's model class: 4; its
+    training recipe and conf/model/cogact.yaml: 8). cfg_scale: classifier-free guidance
     at inference (1.0 disables it). ddim_steps: DDIM sampling steps. use_ema: keep an EMA copy of the action head
     (`ema_diffusion`) and sample with it. pretrained: an official CogACT checkpoint (Hub id or local run dir).
     proprio_dim: when set, the normalized proprio state [S] (batch["state"]) is an input; official CogACT has none

@@ -2,6 +2,11 @@
 
 <run>/checkpoints/<name>.pt = {"model": {"projector", "llm_backbone", "vision_backbone", "action_model"
                                         [, "ema_diffusion"]}}, plus <run>/config.json, dataset_statistics.json
+
+The module names inside are Prismatic's: the vision backbone's two ViTs are `dino_featurizer` and
+`siglip_featurizer`, which OpenVLA's HF export (and this project) call `featurizer` and `fused_featurizer`.
+CogACT's trainer saves only the modules it trained: a run with a frozen vision backbone holds no `vision_backbone`,
+and CogACT then keeps timm's pretrained ViTs (here: `model.vision_backbone.pretrained=true`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,16 @@ from torch import nn
 from datasets.hub import local_or_hub
 
 MODULE_KEYS = ("vision_backbone", "projector", "llm_backbone", "action_model")
+PRISMATIC_VISION_NAMES = {"dino_featurizer.": "featurizer.", "siglip_featurizer.": "fused_featurizer."}
+
+
+def project_vision_names(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Prismatic vision backbone's state dict under this project's module names (other names pass unchanged)."""
+    renamed = {}
+    for name, value in source.items():
+        prefix = next((p for p in PRISMATIC_VISION_NAMES if name.startswith(p)), None)
+        renamed[PRISMATIC_VISION_NAMES[prefix] + name[len(prefix) :] if prefix else name] = value
+    return renamed
 
 
 def resolve_run_dir(pretrained: str) -> Path:
@@ -29,11 +44,14 @@ def find_checkpoint_file(run_dir: Path) -> Path:
 
 
 def load_official_weights(model: nn.Module, pretrained: str) -> dict[str, list[str]]:
-    """Load each module strictly; returns {"loaded": [...], "missing_modules": [...]} and raises on key mismatches
-    with the full lists of missing and unexpected keys."""
+    """Load each module strictly; returns {"loaded": [...], "kept": [...]} and raises on key mismatches with the
+    lists of missing and unexpected keys, and on a module the checkpoint lacks (it would stay randomly initialised):
+    only `ema_diffusion` (started from `action_model`, as CogACT does) and, for a model whose ViTs load timm's
+    pretrained weights, `vision_backbone` may be absent."""
     run_dir = resolve_run_dir(pretrained)
-    state = torch.load(find_checkpoint_file(run_dir), map_location="cpu", weights_only=True)["model"]
-    report = {"loaded": [], "missing_modules": []}
+    checkpoint = find_checkpoint_file(run_dir)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    report = {"loaded": [], "kept": []}
     problems = []
     for key in (*MODULE_KEYS, "ema_diffusion"):
         module = getattr(model, key, None)
@@ -43,8 +61,21 @@ def load_official_weights(model: nn.Module, pretrained: str) -> dict[str, list[s
         if source is None and key == "ema_diffusion":
             source = state.get("action_model")  # as CogACT does: EMA starts from the live head
         if source is None:
-            report["missing_modules"].append(key)
-            continue
+            if key == "vision_backbone" and getattr(module, "pretrained", False):
+                report["kept"].append(key)  # timm's pretrained ViTs, as CogACT keeps them
+                continue
+            hint = (
+                " (a CogACT run trained with a frozen vision backbone saves none: it keeps timm's pretrained ViTs; "
+                "set model.vision_backbone.pretrained=true to load them)"
+                if key == "vision_backbone"
+                else ""
+            )
+            raise KeyError(
+                f"{checkpoint} holds no {key!r} weights (it has {sorted(state)}): the model's {key} would stay "
+                f"randomly initialised{hint}"
+            )
+        if key == "vision_backbone":
+            source = project_vision_names(source)
         new_keys = ()
         if key in ("action_model", "ema_diffusion") and module.net.state_embedder is not None:
             source, new_keys = _with_state_token(module, source)

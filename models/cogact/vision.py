@@ -1,8 +1,9 @@
 """DINOv2 + SigLIP fused vision backbone (Prismatic's "dinosiglip"), built with timm.
 
 Each ViT returns the patch tokens of its second-to-last block; the two are concatenated channel-wise:
-[B, 3, S, S] -> [B, (S/14)^2, D_dino + D_siglip]. Module names match the official checkpoint
-(`vision_backbone.featurizer`, `vision_backbone.fused_featurizer`).
+[B, 3, S, S] -> [B, (S/14)^2, D_dino + D_siglip]. Module names are OpenVLA's HF export's
+(`vision_backbone.featurizer`, `vision_backbone.fused_featurizer`); a native Prismatic / CogACT checkpoint's
+`dino_featurizer` / `siglip_featurizer` are renamed on load (models/cogact/official.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class DinoSigLIPBackbone(nn.Module):
         kwargs = dict(pretrained=pretrained, num_classes=0, img_size=image_size, **overrides)
         self.featurizer = timm.create_model(dino, **kwargs)
         self.fused_featurizer = timm.create_model(siglip, **kwargs)
-        self.image_size = image_size
+        self.image_size, self.pretrained = image_size, pretrained
         self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim
         self.num_patches = self.featurizer.patch_embed.num_patches
         for name, mean, std in (("dino", IMAGENET_MEAN, IMAGENET_STD), ("siglip", SIGLIP_MEAN, SIGLIP_STD)):
