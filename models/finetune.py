@@ -48,16 +48,16 @@ def add_lora_adapters(
     dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
     vision: bool = False,
+    init: bool | str = True,
 ) -> None:
-    """Wrap the LLM (and optionally both ViTs) with peft LoRA adapters; only the adapters of those modules train."""
+    """Wrap the LLM (and optionally both ViTs) with peft LoRA adapters; only the adapters of those modules train.
+    init: peft's init_lora_weights (True: Kaiming-uniform A; "gaussian": OpenVLA's; B starts at zero either way)."""
     if isinstance(model.llm_backbone.llm, PeftModel):
         raise ValueError("the LLM already carries LoRA adapters")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
-    model.llm_backbone.llm = get_peft_model(model.llm_backbone.llm, config)
+    common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init, bias="none")
+    model.llm_backbone.llm = get_peft_model(model.llm_backbone.llm, LoraConfig(target_modules=target_modules, **common))
     if vision:
-        vision_config = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["qkv", "proj", "fc1", "fc2"]
-        )
+        vision_config = LoraConfig(target_modules=["qkv", "proj", "fc1", "fc2"], **common)
         backbone = model.vision_backbone
         backbone.featurizer = get_peft_model(backbone.featurizer, vision_config)
         backbone.fused_featurizer = get_peft_model(backbone.fused_featurizer, vision_config)

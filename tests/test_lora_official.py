@@ -179,3 +179,16 @@ def test_export_refuses_models_the_official_weights_do_not_wholly_make(official_
     with pytest.raises(ValueError, match=r"proprio_dim / aux_dim add modules the official CogACT weights lack"):
         export_pretrained(tmp_path / "b", ["model=cogact_tiny", f"model.pretrained={run_dir}", "model.proprio_dim=3"])
     assert not list(tmp_path.iterdir())
+
+
+def test_openvlas_lora_recipe_adapts_both_vits_from_a_gaussian_init(tmp_path) -> None:
+    cfg = _cfg("finetune=lora_openvla", "finetune.lora.r=8")
+    model = instantiate(cfg.model)
+    apply_finetune_mode(model, "lora", OmegaConf.to_container(cfg.finetune.lora))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"vision_backbone", "llm_backbone", "projector", "action_model"}
+    adapters = {n: p for n, p in model.named_parameters() if "lora_A" in n}
+    assert any(".featurizer." in n for n in adapters) and any(".fused_featurizer." in n for n in adapters)
+    draws = torch.cat([p.detach().flatten() for p in adapters.values()])
+    # peft's gaussian init draws N(0, 1/r); its default (Kaiming-uniform, fan-in 96-512 here) has std 0.03-0.06.
+    assert abs(draws.std().item() - 1 / 8) < 0.01
