@@ -64,13 +64,14 @@ def save_checkpoint(
     statistics: dict,
     step: int,
     metrics: dict | None = None,
-    trainable_only: bool = False,
+    trainable_only: bool | set[str] = False,
     state_dict: dict | None = None,
 ) -> Path:
     """Write the dir atomically: built beside the target, then renamed over it.
 
-    trainable_only: store just the weights that train (LoRA adapters, projector, head, EMA); loading rebuilds the
-    rest from the base the config references (`model.pretrained`). state_dict: the full weights when they were
+    trainable_only: store just the weights that train (LoRA adapters, projector, head, EMA; or the state-dict keys
+    given, taken before the model was sharded); loading rebuilds the rest from the base the config references
+    (`model.pretrained`). state_dict: the full weights when they were
     gathered from a sharded (FSDP / DeepSpeed) model; by default the model's own.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -84,7 +85,7 @@ def save_checkpoint(
             write_json_atomic(tmp / NORM_STATS_FILE, to_norm_stats(select_statistics(statistics, unnorm_key)[1]))
         state = state_dict if state_dict is not None else model.state_dict()
         if trainable_only:
-            trained = model.trained_state_keys()
+            trained = trainable_only if isinstance(trainable_only, set) else model.trained_state_keys()
             state = {k: v for k, v in state.items() if k in trained}
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         tokenizer = getattr(getattr(model, "llm_backbone", None), "tokenizer", None)

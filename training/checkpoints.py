@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
@@ -74,11 +75,13 @@ def _unprefixed(key: str) -> str:
     return key.removeprefix("module.")  # a DDP wrapper's state-dict names
 
 
-def keep_trained_weights(accelerator: Accelerator, policy: Policy) -> None:
+def keep_trained_weights(accelerator: Accelerator, policy: Policy, trained: set[str]) -> None:
     """Have the resume state hold only the weights that train (Policy.trained_state_keys): under LoRA on a 7B model
     that is a few hundred MB instead of the whole frozen base (about 30 GB in float32) at every save. The frozen
-    rest is rebuilt from the base, as at the start of the run. FSDP and DeepSpeed save their own shards, untouched."""
-    trained = policy.trained_state_keys()
+    rest is rebuilt from the base, as at the start of the run. FSDP and DeepSpeed save their own shards, untouched.
+    `trained`: Policy.trained_state_keys(), taken before accelerate wrapped the model."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
     if len(trained) == len(policy.state_dict()):
         return
 
@@ -121,10 +124,16 @@ def run_settings(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(_flatten(tree)))  # as trainer.json stores them (tuples become lists)
 
 
-def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path) -> None:
+def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path, num_processes: int = 1) -> None:
     """A resumed run trains with the settings its first part did (`now`: this command's run_settings; a different
-    batch size would also shift the data position): ValueError naming every setting that differs, with the command
-    line the run was started with."""
+    batch size would also shift the data position), on as many processes: ValueError naming every setting that
+    differs, with the command line the run was started with."""
+    processes = trainer_state.get("num_processes", num_processes)
+    if processes != num_processes:
+        raise ValueError(
+            f"resume=true continues {run_dir}, which trained on {processes} process(es), on {num_processes}: the "
+            "global batch and every rank's slice of the data would change; launch it as it was launched"
+        )
     saved = trainer_state.get("settings")
     if saved is None:  # a state saved before the settings were recorded
         return
@@ -135,6 +144,11 @@ def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path) -> None
         f"  {k}: the run has {saved.get(k, '<unset>')!r}, this command {now.get(k, '<unset>')!r}" for k in differ
     )
     overrides = " ".join(trainer_state.get("overrides") or [])
+    if "scheduler.num_training_steps" in differ:
+        rows += (
+            "\n  (the schedule's length is max_steps: a longer run changes the learning rate of the steps already "
+            "taken; max_steps may change with scheduler=constant)"
+        )
     raise ValueError(
         f"resume=true continues {run_dir} with the settings it started with, but these differ:\n{rows}\n"
         f"Start it as it was started: python train.py {overrides} resume=true hydra.run.dir={run_dir} "

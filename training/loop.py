@@ -3,18 +3,19 @@ exact resume. CPU, one GPU, DDP, FSDP and DeepSpeed all come from `accelerate la
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
@@ -51,16 +52,6 @@ def _fsdp_version(accelerator: Accelerator) -> int | None:
     if accelerator.distributed_type != DistributedType.FSDP:
         return None
     return accelerator.state.fsdp_plugin.fsdp_version
-
-
-def full_weights(model: torch.nn.Module, fsdp_version: int | None) -> contextlib.AbstractContextManager:
-    """Within it the unwrapped policy on rank 0 holds its whole weights: FSDP (1) gathers the shards there (every
-    rank must enter it; the others keep their shards, so no GPU but rank 0's holds a whole copy); else a no-op."""
-    if fsdp_version == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True)
-    return contextlib.nullcontext()
 
 
 def check_import_hygiene() -> None:
@@ -129,16 +120,50 @@ def _command_line_overrides() -> list[str] | None:
 
 
 def _accelerator(cfg: DictConfig) -> Accelerator:
+    """mixed_precision null: the launcher's (an accelerate config's `mixed_precision`), else none. The batch size,
+    gradient accumulation and clipping are this run's, also under DeepSpeed, which reads them from its own config."""
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     # Some parameters are not used at every step (the CFG `uncondition` token only when dropout picks it; the
     # official layout's unused history embedder): DDP must not wait for their gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         kwargs_handlers=[ddp],
     )
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum_steps:
+        raise ValueError(
+            f"grad_accum_steps={cfg.grad_accum_steps} but the launcher sets {accelerator.gradient_accumulation_steps} "
+            "(ACCELERATE_GRADIENT_ACCUMULATION_STEPS: accelerate launch --gradient_accumulation_steps, or an "
+            "accelerate config's deepspeed_config): set it in one place"
+        )
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:  # no DataLoader is prepared, so DeepSpeed cannot infer the micro batch ("auto")
+        deepspeed.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum_steps,
+            gradient_clipping=cfg.max_grad_norm or 0.0,
+        )
+    return accelerator
+
+
+def join_slurm_tasks() -> None:
+    """In a SLURM job submitted by submitit (hydra/launcher=slurm) with several tasks, each task is one process of
+    the run: export the torch.distributed variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) that
+    accelerate reads, as torchrun would. Nothing otherwise (torchrun or accelerate launch set WORLD_SIZE)."""
+    submitit = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    if submitit and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "WORLD_SIZE" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def _reset_accelerate_state() -> None:
+    """Forget this run's accelerate settings (mixed precision, accumulation), keeping the process group: the next
+    job of a multirun sweep in this process may use others."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def check_inputs_used(model: Policy, loader: DictConfig, sources: list | None = None) -> None:
@@ -188,15 +213,23 @@ def check_input_sizes(model: Policy, sources: list, statistics: dict) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Runs the configured finetune; returns {"checkpoint": dir, "metric": best val loss, else the last train loss}."""
+    """Runs the configured finetune; returns {"checkpoint": dir, "metric": best val loss, else the last train loss},
+    the same on every rank."""
     check_import_hygiene()
-    accelerator = _accelerator(cfg)
+    join_slurm_tasks()
+    try:
+        return _train(cfg, _accelerator(cfg))
+    finally:
+        _reset_accelerate_state()
+
+
+def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     set_seed(cfg.seed, device_specific=True)
     run_dir = Path(cfg.paths.output_dir)
     settings = run_settings(cfg)
     resumed = read_trainer_state(run_dir) if cfg.resume else None
     if resumed is not None:
-        check_resume_settings(resumed, settings, run_dir)
+        check_resume_settings(resumed, settings, run_dir, accelerator.num_processes)
     overrides = resumed.get("overrides") if resumed is not None else _command_line_overrides()
 
     # Fail fast, before any long step: data layout and sizes, then the model (base weights, HF_TOKEN), then statistics.
@@ -227,8 +260,18 @@ def train(cfg: DictConfig) -> dict:
     model.set_statistics(statistics, unnorm_key or sources[0].key)
     accelerator.print(
         f"model: {type(model).__name__} {counts['total'] / 1e6:.2f}M params, "
-        f"{counts['trainable'] / 1e6:.2f}M trainable, on {accelerator.device} (device={cfg.device})"
+        f"{counts['trainable'] / 1e6:.2f}M trainable, on {accelerator.device} (device={cfg.device}), "
+        f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}"
     )
+    fsdp_version = _fsdp_version(accelerator)
+    if fsdp_version is not None and getattr(model, "ema_diffusion", None) is not None:
+        raise ValueError(
+            "model.use_ema=true under FSDP: the EMA head and the live head are sharded differently, so the "
+            "element-wise EMA update cannot run; set model.use_ema=false or launch with DDP (launch/ddp.yaml)"
+        )
+    # Taken before sharding, with the names the gathered state dict has: under FSDP the unwrapped module's
+    # parameter names carry its wrappers' prefixes, and its state_dict() is a collective.
+    trained_keys = model.trained_state_keys()
 
     optimizer = instantiate(cfg.optimizer)([p for p in model.parameters() if p.requires_grad])
     # Not prepared by accelerate (which would step it once per process): stepped once per optimizer step.
@@ -236,7 +279,7 @@ def train(cfg: DictConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     policy: Policy = accelerator.unwrap_model(model)
-    keep_trained_weights(accelerator, policy)
+    keep_trained_weights(accelerator, policy, trained_keys)
 
     step, micro_batches, best = 0, 0, math.inf
     if resumed is not None:
@@ -256,9 +299,10 @@ def train(cfg: DictConfig) -> dict:
             val_data = make_frame_dataset(sources, statistics, loader_cfg, "val")
         else:
             accelerator.print(f"validation off: loader.val_fraction={loader_cfg.val_fraction} holds out no episode")
-    fsdp_version = _fsdp_version(accelerator)
-    if val_data is not None and fsdp_version not in (None, 1):
-        accelerator.print("validation is skipped under FSDP2 (sharded weights); evaluate the checkpoints instead")
+    if val_data is not None and fsdp_version is not None:
+        # Every rank would have to run the same forward passes in lockstep to gather each block's weights, and
+        # sampling calls more than the wrapped forward: validate and compare the saved checkpoints instead.
+        accelerator.print("validation is skipped under FSDP (sharded weights); evaluate the checkpoints instead")
         val_data = None
     keys = [s.key for s in sources]
 
@@ -278,6 +322,10 @@ def train(cfg: DictConfig) -> dict:
         total=cfg.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
     started, frames = time.perf_counter(), 0
+    # Action (and auxiliary) losses of this optimizer step's micro-batches, then of the steps since the last log.
+    step_losses, logged_losses = [], []
+    step_aux, logged_aux = [], []
+    latest = resumed.get("checkpoint") if resumed is not None else None
     model.train()
     while step < cfg.max_steps:
         batch = next(train_data)
@@ -286,7 +334,7 @@ def train(cfg: DictConfig) -> dict:
             loss, parts = model(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint}"
+                    f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint or latest}"
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
@@ -294,45 +342,54 @@ def train(cfg: DictConfig) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         frames += len(batch["prompt"]) * world
+        # The action loss ("loss" of the parts; the total when a policy reports none): comparable across runs that
+        # weight auxiliary losses differently, and the returned metric when validation is off.
+        step_losses.append(torch.as_tensor(parts.get("loss", loss), device=loss.device).detach().float())
+        if "aux_loss" in parts:
+            step_aux.append(torch.as_tensor(parts["aux_loss"], device=loss.device).detach().float())
         if not accelerator.sync_gradients:
             continue
+        lr = scheduler.get_last_lr()[0]  # the rate this step trained at
         scheduler.step()
         step += 1
         policy.on_optimizer_step()
-        # The action loss ("loss" of the parts; the total when a policy reports none): comparable across runs that
-        # weight auxiliary losses differently, and the returned metric when validation is off.
-        action_loss = torch.as_tensor(parts.get("loss", loss), device=loss.device).detach()
-        last_loss = accelerator.gather(action_loss).mean().item()
+        # Means over the step's micro-batches and over every rank.
+        last_loss = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+        logged_losses.append(last_loss)
+        if step_aux:
+            logged_aux.append(accelerator.gather(torch.stack(step_aux).mean()).mean().item())
+        step_losses, step_aux = [], []
         throughput = frames / (time.perf_counter() - started)
-        lr = scheduler.get_last_lr()[0]
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", fps=f"{throughput:.0f}")
         metrics = {"train/loss": last_loss, "train/lr": lr, "train/frames_per_s": throughput}
-        if "aux_loss" in parts:  # this rank's
-            metrics["train/aux_loss"] = float(parts["aux_loss"])
-        if step % cfg.log_every == 0:
+        if step % cfg.log_every == 0:  # the losses' means since the last log
+            metrics["train/loss"] = sum(logged_losses) / len(logged_losses)
+            if logged_aux:
+                metrics["train/aux_loss"] = sum(logged_aux) / len(logged_aux)
             logger.log(step, metrics)
+            logged_losses, logged_aux = [], []
         at_end = step == cfg.max_steps
-        if val_data is not None and (step % cfg.val_every == 0 or at_end):
-            # Under FSDP a collective: every rank enters, rank 0 gets the whole weights and validates.
-            with full_weights(model, fsdp_version):
-                if accelerator.is_main_process:
-                    plot = run_dir / "validation" / f"step_{step:06d}.png"
-                    metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
-                    logger.log(step, metrics)
-                    best = min(best, metrics.get("val/loss", best))
+        if val_data is not None and (step % cfg.val_every == 0 or at_end) and accelerator.is_main_process:
+            plot = run_dir / "validation" / f"step_{step:06d}.png"
+            metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
+            logger.log(step, metrics)
+            best = min(best, metrics.get("val/loss", best))
         if step % cfg.save_every == 0 or at_end:
             weights = accelerator.get_state_dict(model)  # a collective: gathers sharded weights (FSDP, DeepSpeed)
             if accelerator.is_main_process:
                 ckpt_dir = run_dir / "checkpoints" / f"step_{step:06d}"
+                trained = trained_keys if trainable_only else False
                 checkpoint = save_checkpoint(
-                    ckpt_dir, policy, final_cfg, statistics, step, metrics, trainable_only, state_dict=weights
+                    ckpt_dir, policy, final_cfg, statistics, step, metrics, trained, state_dict=weights
                 )
                 prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, cfg.checkpoint.metric)
             state = {"step": step, "micro_batches": micro_batches, "best": best, "checkpoint": str(checkpoint)}
-            state.update(settings=settings, overrides=overrides)
+            state.update(settings=settings, overrides=overrides, num_processes=world)
             save_training_state(accelerator, run_dir, state)
     progress.close()
     logger.close()
-    metric = best if math.isfinite(best) else last_loss
-    return {"checkpoint": str(checkpoint) if accelerator.is_main_process else None, "metric": metric}
+    # Validation ran on rank 0: every rank returns its figure (a sweeper in each process sees the same objective).
+    shared = [best if math.isfinite(best) else last_loss]
+    broadcast_object_list(shared)
+    return {"checkpoint": str(checkpoint) if accelerator.is_main_process else None, "metric": shared[0]}
