@@ -359,3 +359,15 @@ def test_a_two_camera_model_trains_on_a_dataset_with_a_wrist_camera(tmp_path: Pa
     assert any("val/loss" in r for r in records)
     refused = _run_train(tmp_path / "again", *common, "model.wrist_image=false", "loader.use_wrist_image=true")
     assert refused.returncode != 0 and "reads the external camera only" in refused.stderr
+
+
+def test_a_resumed_run_forgets_the_records_of_the_steps_it_trains_again(tmp_path: Path) -> None:
+    from training.loop import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "metrics.jsonl", OmegaConf.create({"logger": None}), enabled=True)
+    for step in (1, 2, 3, 4):  # saved at 3, crashed after 4
+        logger.log(step, {"train/loss": float(step)})
+    logger.forget_after(3)
+    logger.log(4, {"train/loss": 4.5})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.5)]

@@ -4,6 +4,7 @@ exact resume. CPU, one GPU, DDP, FSDP and DeepSpeed all come from `accelerate la
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib.metadata
 import importlib.util
 import json
@@ -15,7 +16,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
@@ -88,6 +95,17 @@ class MetricsLogger:
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
 
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed run trains them again), rewriting the file atomically."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
+
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
@@ -126,11 +144,14 @@ def _accelerator(cfg: DictConfig) -> Accelerator:
     # Some parameters are not used at every step (the CFG `uncondition` token only when dropout picks it; the
     # official layout's unused history embedder): DDP must not wait for their gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # The other ranks wait in a barrier while rank 0 writes a checkpoint and the resume state: for a full 7B
+    # finetune over 100 GB, which slow storage can take longer than NCCL's 10 minutes for.
+    process_group = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=60))
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        kwargs_handlers=[ddp],
+        kwargs_handlers=[ddp, process_group],
     )
     if accelerator.gradient_accumulation_steps != cfg.grad_accum_steps:
         raise ValueError(
@@ -307,6 +328,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     keys = [s.key for s in sources]
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
+    logger.forget_after(step)  # a resumed run's records past its state: steps trained again from here
     # The checkpoint says what it trained on: the statistics it un-normalizes with, and the camera resolution of
     # that dataset (eval_maniskill.py renders at it unless told otherwise).
     final_cfg = copy.deepcopy(cfg)
