@@ -6,11 +6,11 @@
 
     # ManiSkill3 trajectories (.h5 + .json beside it) replayed with `-o rgb -c pd_ee_delta_pose`; several --source
     # files make one dataset, each episode with its task's instruction (sim.maniskill.TASK_PROMPTS or --instruction)
-    python -m datasets.build_rlds maniskill --source demos/PickCube-v1/trajectory.rgb.pd_ee_delta_pose.h5 \
+    python -m datasets.build_rlds maniskill --source demos/PickCube-v1/PickCube-v1.rgb.pd_ee_delta_pose.physx_cpu.h5 \
         --out data/rlds --name maniskill_pickcube
     # ... with the wrist camera as observation/wrist_image: demos replayed on the panda_wristcam robot (set
     # env_kwargs.robot_uids in the recording's .json before replay_trajectory, as maniskill_e2e.py --wrist-camera does)
-    python -m datasets.build_rlds maniskill --source demos/PickCube-v1/trajectory.rgb.pd_ee_delta_pose.h5 \
+    python -m datasets.build_rlds maniskill --source demos/PickCube-v1/PickCube-v1.rgb.pd_ee_delta_pose.physx_cpu.h5 \
         --out data/rlds --name maniskill_pickcube_wrist --wrist-camera hand_camera
 
     # a LeRobot dataset (v2.0, v2.1 or v3.0 layout): a local dir or a Hub dataset id (HF_TOKEN for gated ones)

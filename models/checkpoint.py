@@ -20,6 +20,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, load_model, save_file
@@ -146,7 +147,12 @@ def load_policy(
         if "strip_prompt" not in llm_cfg:  # saved before 2026-12-02: rebuilt as it was trained
             llm_cfg |= {"strip_prompt": False, "rms_norm_eps": llm_cfg.get("rms_norm_eps", 1e-6)}
         overrides["llm_backbone"] = llm_cfg
-    model = instantiate(cfg.model, **overrides)
+    try:
+        model = instantiate(cfg.model, **overrides)
+    except InstantiationException as error:  # the model's own refusal (e.g. a sampling setting), without Hydra's wrap
+        if isinstance(error.__cause__, ValueError):
+            raise ValueError(f"{ckpt_dir}: {error.__cause__}") from error
+        raise
     finetune = cfg.get("finetune") or {}
     if finetune.get("mode") == "lora":
         add_lora_adapters(model, **OmegaConf.to_container(finetune.get("lora") or OmegaConf.create({})))

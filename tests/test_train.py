@@ -197,6 +197,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, fine
         assert continued[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
     index = json.loads((tmp_path / "part" / "run" / "checkpoints" / "index.json").read_text())
     assert sorted(index["checkpoints"]) == ["step_000003", "step_000006"]
+    if finetune == "full":  # resuming a finished run trains nothing and names the checkpoint it had saved
+        again = _run_train(tmp_path / "part", *common, "max_steps=6", "resume=true")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stdout.strip().splitlines()[-1] == f"checkpoint: {tmp_path}/part/run/checkpoints/step_000006"
 
 
 @pytest.mark.slow

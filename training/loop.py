@@ -414,4 +414,5 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     # Validation ran on rank 0: every rank returns its figure (a sweeper in each process sees the same objective).
     shared = [best if math.isfinite(best) else last_loss]
     broadcast_object_list(shared)
-    return {"checkpoint": str(checkpoint) if accelerator.is_main_process else None, "metric": shared[0]}
+    checkpoint = checkpoint or latest  # a resumed run with no step left to train: the one it had saved
+    return {"checkpoint": str(checkpoint) if checkpoint and accelerator.is_main_process else None, "metric": shared[0]}
