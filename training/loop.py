@@ -339,7 +339,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
             builders[unnorm_source.name], unnorm_source.image_key
         )
     trainable_only = cfg.finetune.mode == "lora" and bool(cfg.model.get("pretrained"))
-    checkpoint, last_loss = None, math.nan
+    # The latest checkpoint: a resumed run's saved one until it saves another (it may have no step left to train).
+    checkpoint, last_loss = (resumed.get("checkpoint") if resumed is not None else None), math.nan
     progress = tqdm(
         total=cfg.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
@@ -347,7 +348,6 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     # Action (and auxiliary) losses of this optimizer step's micro-batches, then of the steps since the last log.
     step_losses, logged_losses = [], []
     step_aux, logged_aux = [], []
-    latest = resumed.get("checkpoint") if resumed is not None else None
     model.train()
     while step < cfg.max_steps:
         batch = next(train_data)
@@ -356,7 +356,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
             loss, parts = model(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint or latest}"
+                    f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint}"
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
@@ -414,5 +414,4 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     # Validation ran on rank 0: every rank returns its figure (a sweeper in each process sees the same objective).
     shared = [best if math.isfinite(best) else last_loss]
     broadcast_object_list(shared)
-    checkpoint = checkpoint or latest  # a resumed run with no step left to train: the one it had saved
     return {"checkpoint": str(checkpoint) if checkpoint and accelerator.is_main_process else None, "metric": shared[0]}
