@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from models.checkpoint import git_revision
-from models.finetune import apply_finetune_mode
+from models.finetune import apply_finetune
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,8 +37,7 @@ def build(model_name: str, finetune: str, device: torch.device, overrides: list[
     model_cfg["llm_backbone"]["tokenizer"] = "tiny"  # Llama-2's tokenizer is gated; the vocab size stays as configured
     with device:
         model = instantiate(model_cfg)
-    lora = cfg.finetune.get("lora")
-    apply_finetune_mode(model, finetune, OmegaConf.to_container(lora) if lora is not None else None)
+    apply_finetune(model, cfg.finetune)
     return model
 
 
@@ -96,9 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="the 7B CogACT (random weights); needs a GPU")
     parser.add_argument("--model", default=None, help="conf/model/<name>; default cogact_tiny (cogact: --full-size)")
-    parser.add_argument(
-        "--finetune", nargs="+", default=["full"], choices=["full", "lora", "head_only", "frozen_vision"]
-    )
+    modes = ["full", "lora", "lora_openvla", "head_only", "frozen_vision"]
+    parser.add_argument("--finetune", nargs="+", default=["full"], choices=modes, help="conf/finetune/<name>")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

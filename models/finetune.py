@@ -1,11 +1,13 @@
 """Finetuning modes: which parameters of a policy train (`finetune=full|lora|frozen_vision|head_only`).
 
 Under `lora` the LLM gets peft LoRA adapters (all linear layers by default), the projector and the action head train
-fully, and the vision backbone is frozen (or gets adapters too with `lora.vision: true`).
+fully, and the vision backbone is frozen (or gets adapters too with `lora.vision: true`; `lora.projector: true`
+gives the projector adapters instead of training it whole).
 """
 
 from __future__ import annotations
 
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -15,6 +17,12 @@ FROZEN_MODULES = {
     "head_only": ("vision_backbone", "projector", "llm_backbone"),
     "lora": ("vision_backbone", "llm_backbone"),  # adapters are added after freezing, and they train
 }
+
+
+def apply_finetune(model: nn.Module, finetune: DictConfig) -> dict[str, int]:
+    """apply_finetune_mode with the `finetune` config group as composed (its mode and lora settings)."""
+    lora = finetune.get("lora")
+    return apply_finetune_mode(model, finetune.mode, OmegaConf.to_container(lora) if lora is not None else None)
 
 
 def apply_finetune_mode(model: nn.Module, mode: str, lora: dict | None = None) -> dict[str, int]:
@@ -49,9 +57,11 @@ def add_lora_adapters(
     target_modules: str | list[str] = "all-linear",
     vision: bool = False,
     init: bool | str = True,
+    projector: bool = False,
 ) -> None:
-    """Wrap the LLM (and optionally both ViTs) with peft LoRA adapters; only the adapters of those modules train.
-    init: peft's init_lora_weights (True: Kaiming-uniform A; "gaussian": OpenVLA's; B starts at zero either way)."""
+    """Wrap the LLM (and optionally both ViTs and the projector) with peft LoRA adapters; only the adapters of those
+    modules train. init: peft's init_lora_weights (True: Kaiming-uniform A; "gaussian": OpenVLA's; B starts at zero
+    either way)."""
     if isinstance(model.llm_backbone.llm, PeftModel):
         raise ValueError("the LLM already carries LoRA adapters")
     common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init, bias="none")
@@ -61,17 +71,18 @@ def add_lora_adapters(
         backbone = model.vision_backbone
         backbone.featurizer = get_peft_model(backbone.featurizer, vision_config)
         backbone.fused_featurizer = get_peft_model(backbone.fused_featurizer, vision_config)
+    if projector:
+        linears = [name for name, module in model.projector.named_modules() if isinstance(module, nn.Linear)]
+        model.projector = get_peft_model(model.projector, LoraConfig(target_modules=linears, **common))
 
 
 def merge_lora_adapters(model: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its base weights; the model becomes a plain one again (same outputs)."""
-    backbone = model.llm_backbone
-    if isinstance(backbone.llm, PeftModel):
-        backbone.llm = backbone.llm.merge_and_unload()
     vision = model.vision_backbone
-    for name in ("featurizer", "fused_featurizer"):
-        if isinstance(getattr(vision, name), PeftModel):
-            setattr(vision, name, getattr(vision, name).merge_and_unload())
+    adapted = ((model.llm_backbone, "llm"), (vision, "featurizer"), (vision, "fused_featurizer"), (model, "projector"))
+    for owner, name in adapted:
+        if isinstance(getattr(owner, name), PeftModel):
+            setattr(owner, name, getattr(owner, name).merge_and_unload())
     return model
 
 

@@ -181,14 +181,38 @@ def test_export_refuses_models_the_official_weights_do_not_wholly_make(official_
     assert not list(tmp_path.iterdir())
 
 
-def test_openvlas_lora_recipe_adapts_both_vits_from_a_gaussian_init(tmp_path) -> None:
-    cfg = _cfg("finetune=lora_openvla", "finetune.lora.r=8")
+def test_openvlas_lora_recipe_adapts_vits_and_projector_from_a_gaussian_init(official_run, tmp_path) -> None:
+    """finetune=lora_openvla: adapters on both ViTs, the projector and the LLM (OpenVLA's all-linear), Gaussian A;
+    the checkpoint holds adapters and the head only, loads and merges to the same actions."""
+    run_dir, _ = official_run
+    cfg = _cfg("finetune=lora_openvla", "finetune.lora.r=8", f"model.pretrained={run_dir}")
     model = instantiate(cfg.model)
     apply_finetune_mode(model, "lora", OmegaConf.to_container(cfg.finetune.lora))
-    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"vision_backbone", "llm_backbone", "projector", "action_model"}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {n.split(".")[0] for n in trained} == {"vision_backbone", "llm_backbone", "projector", "action_model"}
+    assert all("lora_" in n for n in trained if not n.startswith("action_model"))
     adapters = {n: p for n, p in model.named_parameters() if "lora_A" in n}
-    assert any(".featurizer." in n for n in adapters) and any(".fused_featurizer." in n for n in adapters)
+    for module in (".featurizer.", ".fused_featurizer.", "projector."):
+        assert any(module in n for n in adapters), module
+    assert sum(n.startswith("projector.") for n in adapters) == 3  # its three linear layers
     draws = torch.cat([p.detach().flatten() for p in adapters.values()])
     # peft's gaussian init draws N(0, 1/r); its default (Kaiming-uniform, fan-in 96-512 here) has std 0.03-0.06.
     assert abs(draws.std().item() - 1 / 8) < 0.01
+
+    with torch.no_grad():  # stand-in for training: adapters that change the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.set_statistics(_stats())
+    saved_cfg = OmegaConf.create(
+        {"model": OmegaConf.to_container(cfg.model, resolve=True), "finetune": OmegaConf.to_container(cfg.finetune)}
+    )
+    ckpt = save_checkpoint(tmp_path / "lora", model, saved_cfg, _stats(), step=1, trainable_only=True)
+    stored = load_file(str(ckpt / "model.safetensors"))
+    assert sorted(stored) == sorted(trained)
+    batch = _batch(model)
+    expected = _sample(model, batch)
+    torch.testing.assert_close(_sample(load_policy(ckpt), batch), expected)
+    merged = load_policy(merge_checkpoint(ckpt, tmp_path / "merged"))
+    assert not any("lora" in k or "base_model" in k for k in merged.state_dict())
+    torch.testing.assert_close(_sample(merged, batch), expected, atol=1e-4, rtol=1e-4)

@@ -40,7 +40,7 @@ from datasets.rlds import (
 )
 from datasets.statistics import STATISTICS_FILE, check_unnormalized_ranges, default_unnorm_key
 from models.checkpoint import save_checkpoint
-from models.finetune import apply_finetune_mode
+from models.finetune import apply_finetune
 from models.policy import Policy
 from serving.observation import check_observation_keys
 from training.checkpoints import (
@@ -268,8 +268,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     check_input_sizes(model, sources, statistics)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
-    lora = cfg.finetune.get("lora")
-    counts = apply_finetune_mode(model, cfg.finetune.mode, OmegaConf.to_container(lora) if lora is not None else None)
+    counts = apply_finetune(model, cfg.finetune)
     # Which statistics the checkpoint un-normalizes with: the one key, or the one named. With several and none named
     # the checkpoint names none, and serving it asks for unnorm_key= (as CogACT and OpenVLA do).
     unnorm_key = default_unnorm_key(statistics, cfg.unnorm_key)
