@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -36,3 +39,32 @@ def replace_dir(built: Path, final: Path) -> None:
     final.rename(old)
     built.rename(final)
     shutil.rmtree(old)
+
+
+@contextmanager
+def building_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A new hidden dir in `parent` to build `name` in (then renamed into place by the caller), removed on the way out
+    whatever happens. Its name carries this host and process id, so that what a killed build (SIGKILL, out of
+    memory: no cleanup runs) left behind is removed by the next build of `name` on this host, and another process's
+    build in progress is left alone."""
+    parent.mkdir(parents=True, exist_ok=True)
+    host, prefix = socket.gethostname(), f".{name}.building-"
+    for stale in parent.glob(f"{prefix}{host}-*"):
+        pid = stale.name[len(f"{prefix}{host}-") :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{host}-{os.getpid()}-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -36,17 +36,19 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from datasets.builder import SPLIT_FIRST_TEMPLATE, EpisodeSchema, write_rlds
+from datasets.builder import SPLIT_FIRST_TEMPLATE, EpisodeSchema, check_frames, write_rlds
 from datasets.crop import resize_square
 
 EPISODE_KEYS = ("image", "state", "action", "language_instruction")
+OPTIONAL_KEYS = ("wrist_image", "object_pos", "reward", "terminal")
 DEFAULT_IMAGE_SIZE = 256  # px: the largest side frames are stored at unless --image-size says otherwise (LIBERO's)
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
+def _resize(images: np.ndarray, size: int, key: str = "image", source: str = "an episode") -> np.ndarray:
+    check_frames(images, key, source)
     if images.shape[1:3] == (size, size):
-        return np.ascontiguousarray(images, dtype=np.uint8)
-    return np.stack([resize_square(np.asarray(im, np.uint8), size) for im in images])
+        return np.ascontiguousarray(images)
+    return np.stack([resize_square(im, size) for im in images])
 
 
 def _text(value: object) -> str:
@@ -56,17 +58,22 @@ def _text(value: object) -> str:
 
 def read_episode_file(path: Path) -> dict:
     """One .npz or .h5 episode file -> episode dict (see module docstring)."""
+    wanted = (*EPISODE_KEYS, *OPTIONAL_KEYS)  # anything else in the file (other arrays, h5 groups) is left unread
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
+            data = {k: f[k] for k in f.files if k in wanted}
     else:
         with h5py.File(path, "r") as f:
-            data = {k: f[k][()] for k in f.keys()}
+            data = {}
+            for k in wanted:
+                if k in f and not isinstance(f[k], h5py.Dataset):
+                    raise ValueError(f"{path}: {k} is an h5 {type(f[k]).__name__}, expected a dataset (an array)")
+                if k in f:
+                    data[k] = f[k][()]
     missing = [k for k in EPISODE_KEYS if k not in data]
     if missing:
         raise KeyError(
-            f"{path}: missing {missing}; an episode file needs {list(EPISODE_KEYS)} "
-            "(+ optional wrist_image, object_pos)"
+            f"{path}: missing {missing}; an episode file needs {list(EPISODE_KEYS)} (+ optional {list(OPTIONAL_KEYS)})"
         )
     data["language_instruction"] = _text(data["language_instruction"])
     data["file_path"] = str(path)
@@ -178,9 +185,10 @@ def build(episodes: Iterator[dict], total: int | None, args: argparse.Namespace)
     def prepared() -> Iterator[dict]:
         for episode in tqdm(_chain(first, episodes), total=total, desc="episodes"):
             episode = {k: v for k, v in episode.items() if v is not None}
-            episode["image"] = _resize(np.asarray(episode["image"]), schema.image_size)
+            source = episode.get("file_path", "an episode")
+            episode["image"] = _resize(np.asarray(episode["image"]), schema.image_size, "image", source)
             if wrist:
-                episode["wrist_image"] = _resize(np.asarray(episode["wrist_image"]), wrist)
+                episode["wrist_image"] = _resize(np.asarray(episode["wrist_image"]), wrist, "wrist_image", source)
             else:
                 episode.pop("wrist_image", None)
             yield episode

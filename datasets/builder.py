@@ -10,7 +10,6 @@ language_instruction, reward, discount, is_first, is_last, is_terminal; episode_
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming
 
-from datasets.atomic import replace_dir
+from datasets.atomic import building_dir, replace_dir
 
 SPLIT_FIRST_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
 
@@ -63,6 +62,18 @@ def _features(schema: EpisodeSchema) -> tfds.features.FeaturesDict:
     )
 
 
+def check_frames(images: np.ndarray, key: str, source: str) -> None:
+    """Camera frames must be uint8 0-255: a float [0, 1] image cast to uint8 would be stored black."""
+    dtype = np.asarray(images).dtype
+    if dtype != np.uint8:
+        values = np.asarray(images)
+        found = f" in [{values.min():g}, {values.max():g}]" if values.size and dtype.kind in "fiu" else ""
+        raise ValueError(
+            f"{source}: {key} is {dtype}{found}, expected uint8 [T, H, W, 3] in 0-255 "
+            "(a float image in [0, 1]: (image * 255).round().astype(np.uint8))"
+        )
+
+
 def _check_episode(index: int, episode: dict, schema: EpisodeSchema) -> int:
     """Validate one episode dict; returns its length T."""
     source = episode.get("file_path", f"episode {index}")
@@ -86,6 +97,14 @@ def _check_episode(index: int, episode: dict, schema: EpisodeSchema) -> int:
         got = np.shape(episode.get(key))
         if got != shape:
             raise ValueError(f"{source}: {key} has shape {got}, expected {shape}")
+    for key in ("image", "wrist_image"):
+        if key in expected:
+            check_frames(episode[key], key, source)
+    for key in ("state", "object_pos"):
+        values = np.asarray(episode[key]) if key in expected else None
+        if values is not None and not np.isfinite(values).all():
+            bad = np.where(~np.isfinite(values).all(1))[0]
+            raise ValueError(f"{source}: {key} holds NaN or inf at steps {bad[:5].tolist()} ({len(bad)} steps)")
     if not isinstance(episode.get("language_instruction"), str):
         raise ValueError(f"{source}: language_instruction must be a string")
     return steps
@@ -161,7 +180,7 @@ def write_rlds(
                     yield f"episode_{i:06d}", _to_rlds(i, episode, schema)
 
     Builder.name = name
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-building-") as tmp:
+    with building_dir(out_dir, name) as tmp:
         builder = Builder(data_dir=tmp)
         try:
             builder.download_and_prepare(

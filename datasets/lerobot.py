@@ -24,6 +24,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
@@ -165,8 +166,11 @@ def _read_parquet(path: Path, columns: list[str]):
 
 
 def _matrix(column, steps: int, what: str) -> np.ndarray:
-    """A list<float> column (one vector per frame) -> float32 [T, D]."""
-    values = np.asarray(column.combine_chunks().flatten(), dtype=np.float32)
+    """A list<float> column (one vector per frame), or a plain number column (a feature of shape [1], which LeRobot
+    stores as a scalar per frame) -> float32 [T, D]."""
+    column = column.combine_chunks()
+    nested = pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type)
+    values = np.asarray(column.flatten() if nested else column, dtype=np.float32)
     if values.size % steps:
         raise ValueError(f"{what}: {values.size} values over {steps} frames are not one vector per frame")
     return values.reshape(steps, -1)

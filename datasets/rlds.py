@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,17 @@ class LoaderConfig:
         self.image_roi = check_roi(self.image_roi)
 
 
+# What each key of an RLDSSource must name: an image (encoded frames), numbers, or text.
+KEY_KINDS = {
+    "image_key": "image",
+    "wrist_image_key": "image",
+    "state_key": "vector",
+    "action_key": "vector",
+    "aux_key": "vector",
+    "language_key": "text",
+}
+
+
 def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core.DatasetBuilder:
     """The TFDS builder of a source, with its configured keys (and action size) checked against its features."""
     path = source.path
@@ -115,10 +126,19 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
         raise ValueError(f"{path} is not a readable TFDS dataset: {e}") from e
     step_features = builder.info.features["steps"].feature
     available = sorted(_flatten_keys(step_features))
-    for field_name in ("image_key", "wrist_image_key", "state_key", "action_key", "language_key", "aux_key"):
+    for field_name, expected in KEY_KINDS.items():
         key = getattr(source, field_name)
-        if key is not None and key not in available:
+        if key is None:
+            continue
+        if key not in available:
             raise KeyError(f"{source.name}: {field_name}={key!r} is not a step feature of {path}; it has {available}")
+        found = _feature_kind(_get(step_features, key))
+        if found != expected:
+            candidates = [k for k in available if _feature_kind(_get(step_features, k)) == expected]
+            raise ValueError(
+                f"{source.name}: {field_name}={key!r} is a {found} feature of {path}, expected a {expected} feature "
+                f"(its {expected} features: {candidates})"
+            )
     action_shape = _get(step_features, source.action_key).shape
     if action_dim is not None and tuple(action_shape) != (action_dim,):
         raise ValueError(
@@ -128,6 +148,15 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
     if builder.info.splits.total_num_examples == 0:
         raise ValueError(f"{path}: the dataset holds no episodes")
     return builder
+
+
+def _feature_kind(feature) -> str:
+    """ "image", "text" or "vector" (numbers) of a tfds step feature."""
+    if isinstance(feature, tfds.features.Image):
+        return "image"
+    if isinstance(feature, tfds.features.Text) or np.dtype(feature.np_dtype) == np.object_:
+        return "text"
+    return "vector"
 
 
 def image_side(builder: tfds.core.DatasetBuilder, image_key: str) -> int | None:
@@ -328,9 +357,9 @@ def _statistics_columns(source: RLDSSource, action_dim: int) -> tuple[dict[str, 
                             f"{source.path}: episode {episode} has {len(values)} values of {key}, expected a "
                             f"multiple of {width[name]} (one [{width[name]}] per step)"
                         )
+                    if not np.isfinite(values).all():  # one NaN would make every frame's normalized input NaN
+                        raise ValueError(f"{source.path}: episode {episode} holds NaN or inf values of {columns[name]}")
                     found[name].append(values.reshape(-1, width[name]))
-                if not np.isfinite(found["action"][-1]).all():
-                    raise ValueError(f"{source.path}: episode {episode} holds NaN or inf actions")
                 count += 1
                 bar.update(1)
     if not count:
@@ -709,6 +738,13 @@ def sources_from_config(dataset_cfg: dict) -> list[RLDSSource]:
         print(f"dataset: generating {sources[0].name} in {sources[0].data_dir}", flush=True)
         instantiate(generate)
     return sources
+
+
+def balance_by_size(sources: list[RLDSSource], action_dim: int, cache_dir: str | Path | None) -> list[RLDSSource]:
+    """The sources with each weight multiplied by its number of transitions (OpenVLA's and CogACT's
+    `balance_weights`): every frame of the mixture is then drawn about equally often, whatever its dataset's size."""
+    sizes = [compute_statistics(source, action_dim, cache_dir)["num_transitions"] for source in sources]
+    return [replace(source, weight=source.weight * size) for source, size in zip(sources, sizes, strict=True)]
 
 
 def compute_all_statistics(sources: list[RLDSSource], action_dim: int, cache_dir: str | Path | None) -> dict:

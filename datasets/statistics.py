@@ -45,12 +45,13 @@ def normalize(x: np.ndarray, stats: dict, mask: np.ndarray | None = None) -> np.
 
 def unnormalize(x_n: np.ndarray, stats: dict, binarize_gripper: bool = True) -> np.ndarray:
     """Inverse at inference (CogACT): clip to [-1, 1], gripper (last dim) -> {0, 1} at 0.5, then
-    act = where(mask, 0.5 (a + 1)(q99 - q01) + q01, a)."""
+    act = where(mask, 0.5 (a + 1)(q99 - q01) + q01, a). The gripper is binarized only where it is not normalized
+    (mask false, CogACT's case): a normalized one (e.g. -1 close / +1 open) is un-normalized like the other dims."""
     a = np.clip(np.asarray(x_n, dtype=np.float32), -1, 1)
-    if binarize_gripper:
-        a[..., -1] = (a[..., -1] >= 0.5).astype(np.float32)
     q01, q99 = np.asarray(stats["q01"], np.float32), np.asarray(stats["q99"], np.float32)
     mask = _mask(stats, a.shape[-1])
+    if binarize_gripper and not mask[-1]:
+        a[..., -1] = (a[..., -1] >= 0.5).astype(np.float32)
     return np.where(mask, 0.5 * (a + 1) * (q99 - q01) + q01, a).astype(np.float32)
 
 

@@ -13,9 +13,7 @@ Resume-only training state (optimizer, scheduler, RNG) lives apart, under the ru
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, load_model, save_file
 
-from datasets.atomic import replace_dir, write_json_atomic
+from datasets.atomic import building_dir, replace_dir, write_json_atomic
 from datasets.crop import check_roi
 from datasets.statistics import (
     NORM_STATS_FILE,
@@ -77,8 +75,7 @@ def save_checkpoint(
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}."))
-    try:
+    with building_dir(ckpt_dir.parent, ckpt_dir.name) as tmp:
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(tmp / STATISTICS_FILE, statistics)
         unnorm_key = default_unnorm_key(statistics, cfg.get("unnorm_key"))
@@ -104,9 +101,6 @@ def save_checkpoint(
         }
         write_json_atomic(tmp / "meta.json", meta)
         replace_dir(tmp, ckpt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ckpt_dir
 
 

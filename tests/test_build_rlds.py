@@ -61,6 +61,24 @@ def test_episode_folder_becomes_rlds(tmp_path, suffix: str) -> None:
     np.testing.assert_allclose(stats["action"]["max"], np.concatenate(actions).max(0), rtol=1e-6)
 
 
+def test_float_images_are_refused_not_stored_black_and_other_h5_content_is_left_unread(tmp_path) -> None:
+    import h5py
+
+    folder = tmp_path / "episodes"
+    _write_episodes(folder, 2, ".h5")
+    with h5py.File(folder / "ep0.h5", "a") as f:
+        f.create_group("extras")["depth"] = np.zeros((5, 40, 40))  # a group beside the episode's arrays
+    args = ["episodes", "--source", str(folder), "--out", str(tmp_path / "rlds"), "--shards", "1", "--name", "mine"]
+    assert build_rlds(args).is_dir()
+    with h5py.File(folder / "ep1.h5", "a") as f:
+        images = f["image"][()] / 255.0
+        del f["image"]
+        f["image"] = images
+    with pytest.raises(ValueError, match=r"ep1\.h5: image is float64 in \[0, 1\], expected uint8 \[T, H, W, 3\]"):
+        build_rlds([*args[:-1], "floats"])
+    assert not (tmp_path / "rlds" / "floats").exists()
+
+
 def test_episode_file_missing_a_key_is_named(tmp_path) -> None:
     (tmp_path / "episodes").mkdir()
     np.savez(tmp_path / "episodes" / "bad.npz", image=np.zeros((2, 8, 8, 3), np.uint8), action=np.zeros((2, 7)))

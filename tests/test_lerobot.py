@@ -63,6 +63,7 @@ def _frames_table(episodes: list[int], first_index: int) -> pa.Table:
         {
             "action": pa.array([_vector(e, f, 7) for e, f in rows], pa.list_(pa.float32())),
             "observation.state": pa.array([_vector(e, f, 8) for e, f in rows], pa.list_(pa.float32())),
+            "observation.gripper": pa.array([_vector(e, f, 1)[0] for e, f in rows], pa.float32()),
             WRIST: [_png(_frame(e, f, wrist=True)) for e, f in rows],
             "timestamp": pa.array([f / FPS for _, f in rows], pa.float32()),
             "frame_index": [f for _, f in rows],
@@ -88,6 +89,7 @@ def _write_info(root: Path, version: str, data_path: str, video_path: str, codec
             FRONT: {"dtype": "video", **camera, "info": {"video.codec": codec, "video.fps": FPS}},
             WRIST: {"dtype": "image", **camera},
             "observation.state": {"dtype": "float32", "shape": [8]},
+            "observation.gripper": {"dtype": "float32", "shape": [1]},  # a plain number column, as LeRobot writes [1]
             "action": {"dtype": "float32", "shape": [7]},
             "timestamp": {"dtype": "float32", "shape": [1]},
             "frame_index": {"dtype": "int64", "shape": [1]},
@@ -209,6 +211,18 @@ def test_instruction_override_and_default_camera(tmp_path) -> None:
     episode = next(iter(tfds.builder_from_directory(str(path)).as_dataset(split="train")))
     assert "wrist_image" not in episode["steps"].element_spec["observation"]
     assert {s["language_instruction"].decode() for s in episode["steps"].as_numpy_iterator()} == {"stack the cubes"}
+
+
+def test_a_one_number_feature_stored_as_a_scalar_column_is_a_1d_vector(tmp_path) -> None:
+    path = _build(write_lerobot_v30(tmp_path / "lerobot"), tmp_path / "rlds", "--state-key", "observation.gripper")
+    states = [
+        step["observation"]["state"]
+        for episode in tfds.builder_from_directory(str(path)).as_dataset(split="train")
+        for step in episode["steps"].as_numpy_iterator()
+    ]
+    expected = [_vector(e, f, 1) for e, n in enumerate(LENGTHS) for f in range(n)]
+    assert np.shape(states) == (sum(LENGTHS), 1)
+    np.testing.assert_allclose(np.sort(np.concatenate(states)), np.sort(np.concatenate(expected)))
 
 
 def test_lerobot_errors_name_what_is_wrong(tmp_path) -> None:

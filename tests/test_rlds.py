@@ -18,6 +18,7 @@ from datasets.rlds import (
     RLDSSource,
     _decode,
     _roi_crop,
+    balance_by_size,
     compute_all_statistics,
     compute_statistics,
     dataset_fingerprint,
@@ -200,6 +201,19 @@ def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
         make_frame_dataset([with_aux, b], mixed, cfg)
 
 
+def test_balanced_weights_scale_with_each_sources_transitions(tmp_path) -> None:
+    from datasets.sample import build_sample_dataset
+
+    build_sample_dataset(tmp_path, "small", num_episodes=2, steps=3, image_size=8, num_shards=1)
+    build_sample_dataset(tmp_path, "large", num_episodes=4, steps=5, image_size=8, num_shards=1)
+    sources = [
+        RLDSSource(name="small", data_dir=str(tmp_path), weight=2.0),
+        RLDSSource(name="large", data_dir=str(tmp_path)),
+    ]
+    balanced = balance_by_size(sources, 7, tmp_path / "cache")
+    assert [s.weight for s in balanced] == [2.0 * 6, 1.0 * 20] and [s.weight for s in sources] == [2.0, 1.0]
+
+
 def test_validation_alternates_the_sources_episodes(sample_rlds) -> None:
     a = RLDSSource(name="sample", data_dir=str(sample_rlds))
     b = RLDSSource(name="sample", data_dir=str(sample_rlds), unnorm_key="sample_b")
@@ -250,6 +264,10 @@ def test_bad_inputs_name_what_is_wrong(sample_rlds, tmp_path) -> None:
         _ = RLDSSource(name="empty", data_dir=str(tmp_path)).path
     with pytest.raises(KeyError, match="observation/image"):
         open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), image_key="observation/rgb"))
+    with pytest.raises(ValueError, match=r"state_key='observation/image' is a image feature.*expected a vector"):
+        open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), state_key="observation/image"))
+    with pytest.raises(ValueError, match=r"image_key='observation/state' is a vector feature.*'observation/image'"):
+        open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), image_key="observation/state"))
 
 
 def test_builder_refuses_nan_and_wrong_shapes(tmp_path) -> None:
@@ -267,6 +285,36 @@ def test_builder_refuses_nan_and_wrong_shapes(tmp_path) -> None:
     assert not (tmp_path / "broken").exists()
     with pytest.raises(ValueError, match=r"expected \[T, 7\]"):
         write_rlds([{**good, "action": np.zeros((3, 6))}], tmp_path, "broken", schema)
+    # One NaN state would make that dimension's statistics, so every frame's normalized state, NaN.
+    state = good["state"].copy()
+    state[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"ep0\.npz: state holds NaN or inf at steps \[1\]"):
+        write_rlds([{**good, "state": state}], tmp_path, "broken", schema)
+    with pytest.raises(ValueError, match=r"ep0\.npz: image is float32 in \[0, 0\.5\], expected uint8"):
+        write_rlds(
+            [{**good, "image": np.linspace(0, 0.5, 576, dtype=np.float32).reshape(3, 8, 8, 3)}],
+            tmp_path,
+            "broken",
+            schema,
+        )
+    assert not (tmp_path / "broken").exists()
+
+
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build_and_a_running_ones_kept(tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / f".sample.building-{host}-{dead.stdout.strip()}-x1"
+    running = tmp_path / f".sample.building-{host}-{os.getppid()}-x2"  # pytest's parent: alive
+    for left in (killed, running):
+        (left / "sample" / "1.0.0").mkdir(parents=True)
+    from datasets.sample import build_sample_dataset
+
+    build_sample_dataset(tmp_path, num_episodes=2, steps=3, image_size=8, num_shards=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "sample"]
 
 
 def test_action_size_mismatch_and_truncated_shards_are_named(tmp_path) -> None:

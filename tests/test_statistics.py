@@ -63,6 +63,14 @@ def test_unnormalize_clips_and_binarizes_gripper() -> None:
     np.testing.assert_allclose(out, [[1.0, 0.0], [-0.5, 1.0]])
 
 
+def test_a_normalized_gripper_is_unnormalized_not_binarized() -> None:
+    """A -1 close / +1 open gripper with action_mask true comes back as -1 / +1 (binarizing it at 0.5 in the
+    normalized space, then un-normalizing, served 0: half open), as check_unnormalized_ranges' advice promises."""
+    values = np.array([[0.1, -1.0], [0.0, 1.0], [-0.1, -1.0], [0.05, 1.0]])
+    stats = {**summarize(values), "mask": [True, True]}
+    np.testing.assert_allclose(unnormalize(normalize(values, stats), stats)[:, 1], values[:, 1], atol=1e-5)
+
+
 def test_select_statistics_needs_key_when_ambiguous() -> None:
     stats = {"a": {"action": {}}, "b": {"action": {}}}
     with pytest.raises(ValueError, match="unnorm_key"):

@@ -67,16 +67,19 @@ def test_truncated_and_garbled_files_are_named(tmp_path) -> None:
         list(read_columns(garbled, ["f"]))
 
 
-def test_statistics_name_the_episode_with_nan_actions(tmp_path) -> None:
+def test_statistics_name_the_episode_with_nan_actions_or_states(tmp_path) -> None:
     from datasets.sample import build_sample_dataset
 
     path = build_sample_dataset(tmp_path, num_episodes=4, steps=5, image_size=16, num_shards=1)
     shard = next(path.glob("*.tfrecord-*"))
     records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(shard))]
     records[2].features.feature["steps/action"].float_list.value[3] = float("nan")
+    records[1].features.feature["steps/observation/state"].float_list.value[0] = float("inf")
     with tf.io.TFRecordWriter(str(shard)) as writer:
         for record in records:
             writer.write(record.SerializeToString())
-    name = records[2].features.feature["episode_metadata/file_path"].bytes_list.value[0].decode()
-    with pytest.raises(ValueError, match=f"episode {name} holds NaN or inf actions"):
+    names = [r.features.feature["episode_metadata/file_path"].bytes_list.value[0].decode() for r in records]
+    with pytest.raises(ValueError, match=f"episode {names[1]} holds NaN or inf values of observation/state"):
         compute_statistics(RLDSSource(name="sample", data_dir=str(tmp_path)), 7)
+    with pytest.raises(ValueError, match=f"episode {names[2]} holds NaN or inf values of action"):
+        compute_statistics(RLDSSource(name="sample", data_dir=str(tmp_path), state_key=None), 7)

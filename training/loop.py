@@ -30,6 +30,7 @@ from tqdm import tqdm
 from datasets.atomic import write_json_atomic
 from datasets.rlds import (
     LoaderConfig,
+    balance_by_size,
     compute_all_statistics,
     count_episodes,
     image_side,
@@ -264,6 +265,12 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     check_inputs_used(model, cfg.loader, sources)
     with accelerator.main_process_first():
         statistics = compute_all_statistics(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
+        if cfg.dataset.get("balance_weights", False):
+            sources = balance_by_size(sources, cfg.robot.action_dim, cfg.paths.cache_dir)
+    if len(sources) > 1:
+        total = sum(source.weight for source in sources)
+        shares = ", ".join(f"{source.name} {source.weight / total:.1%}" for source in sources)
+        accelerator.print(f"mixture: {shares} of the training frames")
     check_unnormalized_ranges(statistics)
     check_input_sizes(model, sources, statistics)
     if accelerator.is_main_process:
