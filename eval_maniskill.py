@@ -22,13 +22,14 @@ def camera_resolution(image_size: int | None, robot: dict, metadata: dict) -> in
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval_maniskill")
 def main(cfg: DictConfig) -> float:
     from serving import PolicyServer, ServerThread, wait_for_server
-    from sim import EvalSettings, PolicyClient, check_task, evaluate, make_vector_env, resolve_prompt
+    from sim import EvalSettings, PolicyClient, check_task, evaluate, make_vector_env, resolve_prompt, task_kwargs
 
     if not cfg.ckpt and not cfg.server:
         raise SystemExit("eval_maniskill.py: pass ckpt=<checkpoint dir> (served here) or server=<host:port>")
     try:
         check_task(cfg.env_id)
         prompt = resolve_prompt(cfg.env_id, cfg.prompt)
+        env_kwargs = task_kwargs(cfg.env_id, prompt)
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f"eval_maniskill.py: env_id: {error}") from None
     ckpt_cfg = None
@@ -108,7 +109,14 @@ def main(cfg: DictConfig) -> float:
                     "(e.g. hand_camera) and observation_keys.wrist_image"
                 )
         envs = make_vector_env(
-            cfg.env_id, control_mode, image_size, camera, cfg.max_steps, cfg.workers, wrist_camera=wrist_camera
+            cfg.env_id,
+            control_mode,
+            image_size,
+            camera,
+            cfg.max_steps,
+            cfg.workers,
+            wrist_camera=wrist_camera,
+            **env_kwargs,
         )
         stack.callback(envs.close)
         settings = EvalSettings(
@@ -128,6 +136,7 @@ def main(cfg: DictConfig) -> float:
             "server_metadata": metadata,
             "robot": OmegaConf.to_container(robot, resolve=True),
             "env_id": cfg.env_id,
+            "env_kwargs": env_kwargs,
             "prompt": prompt or "per episode (the task's get_language_instruction())",
             "control_mode": control_mode,
             "camera": camera,

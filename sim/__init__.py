@@ -16,6 +16,7 @@ from sim.maniskill import (
     make_eval_env,
     make_vector_env,
     resolve_prompt,
+    task_kwargs,
 )
 from sim.video import EpisodeVideo
 
@@ -38,6 +39,7 @@ __all__ = [
     "make_eval_env",
     "make_vector_env",
     "resolve_prompt",
+    "task_kwargs",
     "to_env_action",
     "wilson_interval",
 ]

@@ -3,15 +3,19 @@
 Dataset convention of one action [7]: [dx, dy, dz, droll, dpitch, dyaw, gripper] in the robot base frame.
 Controller convention (ManiSkill3 Panda pd_ee_delta_pose, root_translation:root_aligned_body_rotation):
   - xyz in [-1, 1] -> +-0.1 m, added to the end-effector position in the base frame;
-  - the rotation vector r [3] is first clipped by its norm (|r| > 1 -> r / |r|), then times 0.1 rad gives Euler
-    angles (a, b, c) of the delta rotation R = Rx(a) Ry(b) Rz(c) ("XYZ"), applied as R_target = R @ R_current in the
-    base frame, about the end-effector position;
+  - the rotation vector r [3] is first clipped by its norm (|r| > 1 -> r / |r|), then multiplied by the
+    controller's rot_lower, -0.1 rad, which gives Euler angles (a, b, c) of the delta rotation R = Rx(a) Ry(b) Rz(c)
+    ("XYZ"), applied as R_target = R @ R_current in the base frame, about the end-effector position. So +1 turns the
+    hand by -0.1 rad about that axis (mani_skill 3.0.1; upstream issue haosulab/ManiSkill#1469; tests/test_sim.py
+    checks the sign, so an upgrade that changes it fails there). Demonstrations converted by ManiSkill's own
+    replay_trajectory carry that sign; a dataset whose rotation deltas turn the right-handed way (LIBERO, a real
+    robot) needs a negative robot.action_scale.rotation;
   - gripper -1 closes, +1 opens.
 Rotation conversion: both conventions rotate about the base frame's axes, so no frame change is needed. For deltas of
 at most 0.1 rad, Rx(a) Ry(b) Rz(c), the extrinsic roll-pitch-yaw Rz(c) Ry(b) Rx(a) and the axis-angle vector (a, b, c)
 all equal I + [(a, b, c)]x to first order; they differ by at most |a||b| / 2 <= 0.005 rad, far below what a policy
 resolves. So droll, dpitch, dyaw map component-wise to (a, b, c): the conversion is the identity plus the scale
-robot.action_scale.rotation (dataset units -> controller units, 1.0 = 0.1 rad).
+robot.action_scale.rotation (dataset units -> controller units, 1.0 = -0.1 rad).
 """
 
 from __future__ import annotations

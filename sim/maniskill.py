@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import sys
 
 import gymnasium as gym
@@ -102,6 +103,23 @@ def resolve_prompt(env_id: str, prompt: str | None) -> str | None:
     if prompt:
         return prompt
     return None if env_id in EPISODE_PROMPT_TASKS else default_prompt(env_id)
+
+
+def task_kwargs(env_id: str, prompt: str | None) -> dict:
+    """gym.make arguments that make a task do what one fixed prompt asks: PickObject-v1's target becomes the object
+    the prompt names (without it each episode draws its own target, and success would be judged on another object
+    than the one asked for). {} for every other task, or without a prompt."""
+    if env_id not in EPISODE_PROMPT_TASKS or not prompt:
+        return {}
+    from sim.pick_object import OBJECTS
+
+    named = [name for name in OBJECTS if re.search(rf"\b{name}\b", prompt.lower())]
+    if len(named) != 1:
+        raise ValueError(
+            f"{env_id}: prompt={prompt!r} names {named or 'none'} of its objects {list(OBJECTS)}, expected exactly "
+            "one (the target); or leave prompt unset: each episode then names its own target"
+        )
+    return {"target": named[0]}
 
 
 def register_tasks() -> None:
@@ -246,6 +264,7 @@ def make_eval_env(
     camera: str,
     max_episode_steps: int | None = None,
     wrist_camera: str | None = None,
+    **env_kwargs: object,
 ) -> CameraEnv:
     """make_env wrapped in CameraEnv; refuses an action space other than the 7-dim arm + gripper the mapping needs.
 
@@ -254,7 +273,14 @@ def make_eval_env(
     PickObject's bowl) can differ in the 7th digit depending on which episodes the env ran before. With it an
     episode depends only on its seed and actions, whichever worker runs it."""
     env = make_env(
-        env_id, control_mode, image_size, camera, max_episode_steps, wrist_camera=wrist_camera, reconfiguration_freq=1
+        env_id,
+        control_mode,
+        image_size,
+        camera,
+        max_episode_steps,
+        wrist_camera=wrist_camera,
+        reconfiguration_freq=1,
+        **env_kwargs,
     )
     if env.action_space.shape != (7,):
         env.close()
@@ -273,13 +299,17 @@ def make_vector_env(
     max_episode_steps: int | None,
     workers: int,
     wrist_camera: str | None = None,
+    **env_kwargs: object,
 ) -> gym.vector.VectorEnv:
     """`workers` envs: one in this process (workers=1, SyncVectorEnv) or one per worker process (AsyncVectorEnv,
     spawned: SAPIEN's renderer does not survive a fork). Autoreset is off: the evaluator resets each env itself,
-    with each episode's seed. AsyncVectorEnv first builds one env here for the spaces, so bad settings fail here."""
+    with each episode's seed. AsyncVectorEnv first builds one env here for the spaces, so bad settings fail here.
+    env_kwargs: the task's own gym.make arguments (task_kwargs)."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    make = functools.partial(make_eval_env, env_id, control_mode, image_size, camera, max_episode_steps, wrist_camera)
+    make = functools.partial(
+        make_eval_env, env_id, control_mode, image_size, camera, max_episode_steps, wrist_camera, **env_kwargs
+    )
     if workers == 1:
         return gym.vector.SyncVectorEnv([make], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     return gym.vector.AsyncVectorEnv(

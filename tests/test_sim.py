@@ -5,6 +5,7 @@ restarts and parallel workers (slow)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from sim import (
     make_eval_env,
     make_vector_env,
     resolve_prompt,
+    task_kwargs,
     to_env_action,
     wilson_interval,
 )
@@ -484,6 +486,50 @@ def test_pick_object_success_is_checked_for_the_object_the_prompt_names() -> Non
         make_env("PickObject-v1", ROBOT.control_mode, 64, obs_mode="state", target="piano")
 
 
+@pytest.mark.slow
+def test_the_controllers_rotation_sign_is_the_one_sim_actions_documents() -> None:
+    """mani_skill 3.0.1's pd_ee_delta_pose multiplies the rotation by rot_lower (-0.1): +1 turns the hand by -0.1
+    rad about that base axis. ManiSkill's converted demonstrations carry that sign, and libero_franka's scale
+    compensates it; an upgrade that fixes it upstream (haosulab/ManiSkill#1469) must fail here, not flip policies."""
+    from scipy.spatial.transform import Rotation
+
+    env = make_env("PickCube-v1", ROBOT.control_mode, 64, obs_mode="state")
+
+    def orientation() -> Rotation:
+        w, x, y, z = env.unwrapped.agent.tcp.pose.raw_pose[0, 3:].numpy()
+        return Rotation.from_quat([x, y, z, w])
+
+    try:
+        for axis in range(3):
+            env.reset(seed=0)
+            before = orientation()
+            action = np.array([0, 0, 0, 0, 0, 0, 1], np.float32)
+            action[3 + axis] = 0.5
+            for _ in range(5):
+                env.step(to_env_action(action, ROBOT, LOW, HIGH)[0])
+            turned = (orientation() * before.inv()).as_rotvec()  # in the base (world) frame
+            assert turned[axis] < -0.05 and np.abs(np.delete(turned, axis)).max() < 0.02, (axis, turned)
+    finally:
+        env.close()
+
+
+def test_a_fixed_prompt_fixes_pick_objects_target() -> None:
+    """eval_maniskill.py prompt="..." on PickObject-v1: the env's target is the object named, so success is judged
+    on the object asked for (not on one the seed drew)."""
+    assert task_kwargs("PickObject-v1", "Grab the bowl, please") == {"target": "bowl"}
+    assert task_kwargs("PickObject-v1", None) == {} and task_kwargs("PushCube-v1", "push the apple") == {}
+    for prompt, named in (("pick up the piano", "none"), ("put the apple in the bowl", "['apple', 'bowl']")):
+        with pytest.raises(ValueError, match=re.escape(f"names {named} of its objects")):
+            task_kwargs("PickObject-v1", prompt)
+    env = make_env("PickObject-v1", ROBOT.control_mode, 64, obs_mode="state", **task_kwargs("PickObject-v1", "bowl"))
+    try:
+        for seed in range(3):
+            env.reset(seed=seed)
+            assert env.unwrapped.target_names() == ["bowl"]
+    finally:
+        env.close()
+
+
 # ----------------------------------------------------------------------------------------------- slow: through a server
 
 
@@ -555,6 +601,7 @@ def test_eval_entry_point_on_pick_object_against_a_running_server(tmp_path: Path
                 f"server={server.host}:{server.port}",
                 "robot=maniskill_panda",
                 "env_id=PickObject-v1",
+                *([] if ensembling else ["prompt=grab the green cube"]),
                 "num_episodes=2",
                 "max_steps=4",
                 "robot.camera_size=64",  # as a checkpoint's robot config records it (the policy's images are 32 px)
@@ -572,11 +619,16 @@ def test_eval_entry_point_on_pick_object_against_a_running_server(tmp_path: Path
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["num_episodes"] == 2 and results["success_rate"] == 0.0
     assert results["success_rate_ci95"] == pytest.approx(list(wilson_interval(0, 2)))
-    assert results["config"]["image_size"] == 64 and "per episode" in results["config"]["prompt"]
+    assert results["config"]["image_size"] == 64
     lines = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert [e["seed"] for e in lines] == [0, 1] and all(e["steps"] == 4 and e["error"] is None for e in lines)
     assert [e["policy_calls"] for e in lines] == ([4, 4] if ensembling else [1, 1])
-    assert all(e["prompt"].startswith("pick up the ") for e in lines)
+    if ensembling:  # each episode its own target and instruction
+        assert "per episode" in results["config"]["prompt"] and results["config"]["env_kwargs"] == {}
+        assert all(e["prompt"].startswith("pick up the ") for e in lines)
+    else:  # the prompt given, and the env's target is the object it names
+        assert results["config"]["env_kwargs"] == {"target": "cube"}
+        assert all(e["prompt"] == "grab the green cube" for e in lines)
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2 and len(list((tmp_path / "images").glob("*.png"))) == 4
 
 
