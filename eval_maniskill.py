@@ -21,6 +21,8 @@ def camera_resolution(image_size: int | None, robot: dict, metadata: dict) -> in
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval_maniskill")
 def main(cfg: DictConfig) -> float:
+    from websockets.exceptions import InvalidStatus
+
     from serving import PolicyServer, ServerThread, wait_for_server
     from sim import EvalSettings, PolicyClient, check_task, evaluate, make_vector_env, resolve_prompt, task_kwargs
 
@@ -55,7 +57,8 @@ def main(cfg: DictConfig) -> float:
                     "eval_maniskill.py: unnorm_key applies to the ckpt= server only; a running server un-normalizes "
                     "with its own (set it on serve.py; its metadata says which)"
                 )
-            host, _, port = str(cfg.server).rpartition(":")
+            address = str(cfg.server).split("://", 1)[-1].rstrip("/")  # ws://host:port as openpi's clients write it
+            host, _, port = address.rpartition(":")
             if not host or not port.isdigit():
                 raise SystemExit(f"eval_maniskill.py: server must be host:port, got {cfg.server!r}")
             port = int(port)
@@ -76,10 +79,19 @@ def main(cfg: DictConfig) -> float:
             )
             running = stack.enter_context(ServerThread(server))
             host, port = running.host, running.port
-        wait_for_server(host, port, timeout=cfg.server_timeout)
+        try:
+            wait_for_server(host, port, timeout=cfg.server_timeout)
+        except TimeoutError as error:
+            raise SystemExit(f"eval_maniskill.py: {error}") from None
         clients = []  # one connection per env, each env's episodes take turns on it
         for _ in range(cfg.workers):
-            clients.append(PolicyClient(host, port, cfg.api_key, cfg.reconnect.attempts, cfg.reconnect.timeout_s))
+            try:
+                clients.append(PolicyClient(host, port, cfg.api_key, cfg.reconnect.attempts, cfg.reconnect.timeout_s))
+            except InvalidStatus as error:  # 401: no or a wrong api_key
+                raise SystemExit(
+                    f"eval_maniskill.py: the server at {host}:{port} refused the connection: {error} "
+                    "(a server started with an api_key wants the same api_key= here, or POLICY_API_KEY)"
+                ) from None
             stack.callback(clients[-1].close)
         metadata = clients[0].metadata
         image_size = camera_resolution(cfg.image_size, robot, metadata)

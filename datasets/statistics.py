@@ -89,8 +89,12 @@ def load_statistics(path: str | Path) -> dict:
         path = path / STATISTICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no dataset statistics at {path} (expected {STATISTICS_FILE})")
-    with open(path) as f:
-        stats = json.load(f)
+    try:
+        stats = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); expected {STATISTICS_FILE}'s map of datasets") from None
+    if not isinstance(stats, dict):
+        raise ValueError(f"{path} holds a JSON {type(stats).__name__}; expected a map of unnorm_key -> statistics")
     for key, entry in stats.items():
         if not isinstance(entry, dict) or "action" not in entry or "q01" not in entry["action"]:
             raise ValueError(f"{path}: entry {key!r} lacks action.q01/q99; not a dataset_statistics.json")

@@ -21,6 +21,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
 from datasets.atomic import building_dir, replace_dir, write_json_atomic
@@ -29,6 +30,7 @@ from datasets.statistics import (
     NORM_STATS_FILE,
     STATISTICS_FILE,
     default_unnorm_key,
+    load_statistics,
     select_statistics,
     to_norm_stats,
 )
@@ -110,7 +112,9 @@ def load_config(ckpt_dir: str | Path) -> DictConfig:
         raise FileNotFoundError(f"checkpoint dir {ckpt_dir} does not exist")
     for name in ("config.yaml", "model.safetensors", STATISTICS_FILE):
         if not (ckpt_dir / name).is_file():
-            raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint dir: {name} is missing")
+            saved = sorted(p.name for p in (ckpt_dir / "checkpoints").glob("step_*"))
+            hint = f"; it is a training run: pass one of its checkpoints/{saved[-3:]}" if saved else ""
+            raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint dir: {name} is missing{hint}")
     return OmegaConf.load(ckpt_dir / "config.yaml")
 
 
@@ -120,11 +124,16 @@ def load_policy(
     """Rebuild the policy from <ckpt>/config.yaml, load its weights and statistics; ready for inference.
     `sampling` overrides inference-only model settings (CogACT: cfg_scale, ddim_steps); a None value keeps the
     checkpoint's."""
-    from datasets.statistics import load_statistics
-
     ckpt_dir = Path(ckpt_dir)
     cfg = load_config(ckpt_dir)
     meta = json.loads((ckpt_dir / "meta.json").read_text()) if (ckpt_dir / "meta.json").is_file() else {}
+    # The statistics and the key they un-normalize with are checked before the (for a 7B model, minutes-long) build.
+    statistics = load_statistics(ckpt_dir)
+    unnorm_key = unnorm_key or cfg.get("unnorm_key")
+    try:
+        select_statistics(statistics, unnorm_key)
+    except KeyError as error:
+        raise ValueError(f"{ckpt_dir}: {error.args[0]}") from None
     trainable_only = meta.get("weights") == "trainable_only"
     # A full checkpoint holds every weight: never fetch base weights again. A LoRA one rebuilds its base first.
     overrides: dict = {"pretrained": None} if "pretrained" in cfg.model and not trainable_only else {}
@@ -150,18 +159,22 @@ def load_policy(
     finetune = cfg.get("finetune") or {}
     if finetune.get("mode") == "lora":
         add_lora_adapters(model, **OmegaConf.to_container(finetune.get("lora") or OmegaConf.create({})))
-    if trainable_only:
-        state = load_file(str(ckpt_dir / "model.safetensors"))
-        unexpected = sorted(set(state) - set(model.state_dict()))
-        if unexpected:
-            raise KeyError(f"{ckpt_dir}/model.safetensors has keys the model lacks: {unexpected[:10]}")
-        model.load_state_dict(state, strict=False)
-    else:
-        load_model(model, str(ckpt_dir / "model.safetensors"), strict=True, device="cpu")
-    statistics = load_statistics(ckpt_dir)
-    model.set_statistics(statistics, unnorm_key or cfg.get("unnorm_key"))
+    weights = ckpt_dir / "model.safetensors"
+    try:
+        if trainable_only:
+            state = load_file(str(weights))
+            unexpected = sorted(set(state) - set(model.state_dict()))
+            if unexpected:
+                raise KeyError(f"{weights} has keys the model lacks: {unexpected[:10]}")
+            model.load_state_dict(state, strict=False)
+        else:
+            load_model(model, str(weights), strict=True, device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{weights} cannot be read ({error}): truncated or not a safetensors file") from None
+    model.set_statistics(statistics, unnorm_key)
     loader = cfg.get("loader") or {}
     model.center_crop = bool(loader.get("augment", False))
     model.image_roi = check_roi(loader.get("image_roi"))
     model.camera_size = (cfg.get("robot") or {}).get("camera_size")
+    model.checkpoint = {"path": str(ckpt_dir.resolve()), "step": meta.get("step")}
     return model.to(torch.device(device)).eval()

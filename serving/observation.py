@@ -20,6 +20,7 @@ REQUIRED = ("image", "prompt")
 # Up to this shrink factor the server resamples bilinearly when it does not know the dataset's resolution (a
 # checkpoint without robot.camera_size); beyond it, it averages (datasets.crop.resize_square).
 LOADER_BILINEAR_FACTOR = 2.0
+MAX_PROMPT_CHARS = 2000  # an instruction is a sentence; a longer one only holds a worker (and may overflow the LLM)
 OPTIONAL = ("wrist_image", "state")
 _FORMS = {
     "image": "uint8 [H, W, 3] (or float in [0, 1])",
@@ -90,6 +91,7 @@ def _image(
     if not isinstance(value, np.ndarray) or value.ndim != 3 or value.shape[2] != 3 or 0 in value.shape:
         raise ObservationError(f'"{field}" must be an image {_FORMS["image"]}, got {_describe(value)}')
     if value.dtype == np.uint8:
+        given = list(value.shape)
         # The path of a training frame: stored by the RLDS builder at the dataset's resolution (area-averaged down
         # to it), cropped (the region of interest, then the central crop of a model trained on random crops, both
         # fractions of the image), then resampled once, bilinearly, to the model's square by the loader.
@@ -101,6 +103,11 @@ def _image(
         if crop:
             top, left, height, width = center_crop_box(value.shape[0], value.shape[1])
             value = value[top : top + height, left : left + width]
+        if 0 in value.shape[:2]:
+            raise ObservationError(
+                f'"{field}" of shape {given} is too small for the crop this model was trained with: nothing of it is '
+                "left; send the camera image, at least a few px a side"
+            )
         return resize_square(value, size, max_bilinear_factor=math.inf if stored_size else LOADER_BILINEAR_FACTOR)
     if value.dtype.kind != "f":
         raise ObservationError(f'"{field}" must be uint8 or float in [0, 1], got {value.dtype}')
@@ -151,6 +158,11 @@ def adapt_observation(
     prompt = message[prompt_key]
     if not isinstance(prompt, str) or not prompt.strip():
         raise ObservationError(f'"{prompt_key}" must be a non-empty str, got {_describe(prompt)}')
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ObservationError(
+            f'"{prompt_key}" has {len(prompt)} characters, over the {MAX_PROMPT_CHARS} an instruction may have '
+            "(it would hold a policy worker, and could overflow the LLM's context)"
+        )
 
     def optional(name: str) -> object | None:
         key = observation_keys.get(name)

@@ -22,7 +22,9 @@ max_batch_size observations for one predict_action_batch call each: whatever que
 (nothing is held back when the server is idle), plus what arrives within max_wait_ms from connections that could
 still send one (a connection has one request at a time, so a lone client never waits). A batch that fails is re-run
 one request at a time, so a bad request fails alone. With `ensemble`, each connection keeps its own CogACT adaptive
-ensemble and the reply is the ensembled action for now, [1, A].
+ensemble and the reply is the ensembled action for now, [1, A]; it starts afresh on {"reset": true} and whenever the
+connection's prompt changes (openpi-client's reset() sends nothing, and its examples keep one connection across
+episodes: the first actions of a new task would otherwise be blended with the last task's).
 """
 
 from __future__ import annotations
@@ -74,6 +76,22 @@ class _Pending:
     reply: asyncio.Future
 
 
+class _PromptEnsembler:
+    """A connection's ensemble, started afresh when its prompt changes (a new task: nothing to blend with)."""
+
+    def __init__(self, ensembler: AdaptiveEnsembler) -> None:
+        self.ensembler, self.prompt = ensembler, None
+
+    def reset(self) -> None:
+        self.ensembler.reset()
+
+    def __call__(self, chunk: np.ndarray, prompt: str) -> np.ndarray:
+        if prompt != self.prompt:
+            self.ensembler.reset()
+            self.prompt = prompt
+        return self.ensembler(chunk)
+
+
 class PolicyServer:
     """Serves `policy` to openpi clients; `observation_keys` is robot.observation_keys (canonical -> client key).
 
@@ -110,7 +128,7 @@ class PolicyServer:
         check_observation_keys(observation_keys, policy)
         self.policy = policy
         self.observation_keys = dict(observation_keys)
-        self.api_key = api_key
+        self.api_key = api_key or None  # an empty POLICY_API_KEY is none: openpi-client sends no header for it
         policy_metadata = policy.metadata()
         self.metadata = {
             **policy_metadata,
@@ -166,7 +184,7 @@ class PolicyServer:
     async def _handle(self, connection: ServerConnection) -> None:
         logger.info("client %s connected", connection.remote_address)
         prev_total_ms: float | None = None
-        ensembler = AdaptiveEnsembler(**self.ensemble) if self.ensemble else None
+        ensembler = _PromptEnsembler(AdaptiveEnsembler(**self.ensemble)) if self.ensemble else None
         self._connections += 1
         try:
             await connection.send(msgpack_numpy.packb(self.metadata))
@@ -186,7 +204,7 @@ class PolicyServer:
         logger.info("client %s disconnected", connection.remote_address)
 
     async def _reply(
-        self, message: str | bytes, prev_total_ms: float | None, ensembler: AdaptiveEnsembler | None
+        self, message: str | bytes, prev_total_ms: float | None, ensembler: _PromptEnsembler | None
     ) -> dict:
         if isinstance(message, str):
             raise self._bad_request("got a text frame")
@@ -210,12 +228,15 @@ class PolicyServer:
             observation = policy_observation(data, self.observation_keys, self.policy)
         except ObservationError as error:
             raise self._bad_request(str(error)) from None
+        except Exception as error:  # a check missed: still a text frame, and the connection stays open
+            logger.exception("reading an observation failed")
+            raise self._bad_request(f"the observation could not be read ({type(error).__name__}: {error})") from None
         assert self._queue is not None, "the server is not running"
         pending = _Pending(observation, asyncio.get_running_loop().create_future())
         await self._queue.put(pending)
         actions, infer_ms, batch_size = await pending.reply
         if ensembler is not None:
-            actions = ensembler(actions)[None].astype(np.float32)
+            actions = ensembler(actions, observation.prompt)[None].astype(np.float32)
         timing = {"infer_ms": infer_ms, "batch_size": batch_size}
         if prev_total_ms is not None:
             timing["prev_total_ms"] = prev_total_ms

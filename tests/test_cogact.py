@@ -174,6 +174,37 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
         load_policy(ckpt)
 
 
+def test_a_broken_checkpoint_is_named_before_the_model_is_built(tiny, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import models.checkpoint as checkpoint_module
+
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / "step_000003", tiny, cfg, _stats(), step=3)
+    assert load_policy(ckpt).metadata()["checkpoint"] == {"path": str(ckpt.resolve()), "step": 3}
+    with pytest.raises(FileNotFoundError, match=r"it is a training run: pass one of its checkpoints/\['step_000003'\]"):
+        load_policy(tmp_path / "run")
+
+    def no_build(*args, **kwargs) -> None:
+        raise AssertionError("the model was built before the statistics were checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module, "instantiate", no_build)
+        with pytest.raises(
+            ValueError, match=r"step_000003: unnorm_key 'bogus' not in the statistics; available: \['toy'\]"
+        ):
+            load_policy(ckpt, unnorm_key="bogus")
+        broken = shutil.copytree(ckpt, tmp_path / "json")
+        (broken / "dataset_statistics.json").write_text('{"toy": {')
+        with pytest.raises(ValueError, match=r"json/dataset_statistics\.json is not valid JSON"):
+            load_policy(broken)
+    cut = shutil.copytree(ckpt, tmp_path / "cut")
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"cut/model\.safetensors cannot be read .*truncated or not a safetensors"):
+        load_policy(cut)
+
+
 def test_a_mixture_checkpoint_without_unnorm_key_asks_for_one(tiny, tmp_path) -> None:
     """Statistics of several datasets and no unnorm_key named in training: loading refuses to pick one (DESIGN 3)."""
     stats = {"toy": _stats()["toy"], "other": {**_stats()["toy"], "num_trajectories": 9}}

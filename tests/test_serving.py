@@ -148,6 +148,7 @@ BAD_OBSERVATIONS = {
     "NaN": lambda obs: {**obs, "image": np.full((8, 8, 3), np.nan, np.float32)},
     "must lie in [0, 1]": lambda obs: {**obs, "image": obs["image"].astype(np.float32)},
     '"prompt" must be a non-empty str': lambda obs: {**obs, "prompt": 3},
+    "has 3000 characters, over the 2000": lambda obs: {**obs, "prompt": "x" * 3000},
 }
 
 
@@ -161,6 +162,17 @@ def test_bad_input_gets_text_frame_and_connections_keep_serving(start_server: Ca
         assert '{"image": uint8 [H, W, 3]' in str(error.value), "the error shows the expected form"
     assert client.infer(_observation())["actions"].shape == (4, 7)
     assert WebsocketClientPolicy("127.0.0.1", server.port).infer(_observation())["status"] == "success"
+
+
+def test_an_image_the_models_crop_leaves_nothing_of_gets_a_text_frame(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    policy = FakePolicy()
+    policy.center_crop = True  # trained on random crops: served the central 0.9 of the area
+    client = WebsocketClientPolicy("127.0.0.1", start_server(policy).port)
+    with pytest.raises(RuntimeError, match=r'"image" of shape \[1, 1, 3\] is too small for the crop'):
+        client.infer(_observation(height=1, width=1))
+    assert client.infer(_observation())["status"] == "success", "the same connection keeps serving"
 
 
 def test_inference_error_is_reported_without_traceback(start_server: Callable[..., ServerThread]) -> None:
@@ -284,6 +296,9 @@ def test_the_action_ensemble_is_kept_per_connection(start_server: Callable[..., 
     assert second.infer(_observation())["actions"].tolist() == [[2.0] * 7], "a new connection starts afresh"
     assert first.infer({"reset": True}) == {"status": "reset"}
     assert first.infer(_observation())["actions"].tolist() == [[3.0] * 7], "reset forgets the history"
+    assert first.infer(_observation())["actions"].tolist() == [[3.5] * 7]
+    # openpi-client's reset() sends nothing: a new task on the same connection starts afresh by its prompt
+    assert first.infer(_observation(prompt="pick the cube"))["actions"].tolist() == [[5.0] * 7], "a new prompt"
 
 
 def test_api_key_is_required_when_set(start_server: Callable[..., ServerThread]) -> None:
@@ -296,6 +311,9 @@ def test_api_key_is_required_when_set(start_server: Callable[..., ServerThread])
         WebsocketClientPolicy("127.0.0.1", server.port, api_key="secret").infer(_observation())["status"] == "success"
     )
     assert _healthz(server.port) == 200
+    # An empty key (POLICY_API_KEY= exported empty) is no key: openpi-client sends no header for it.
+    open_server = start_server(FakePolicy(), api_key="")
+    assert WebsocketClientPolicy("127.0.0.1", open_server.port, api_key="").infer(_observation())["status"] == "success"
 
 
 def test_server_stays_responsive_during_slow_inference(start_server: Callable[..., ServerThread]) -> None:

@@ -646,6 +646,12 @@ def test_eval_entry_point_errors_are_clear(tmp_path: Path) -> None:
     assert remote.returncode != 0 and "sampling.* applies to the ckpt= server only" in remote.stderr
     statistics = run("server=127.0.0.1:1", "robot=maniskill_panda", "unnorm_key=bridge_orig")
     assert statistics.returncode != 0 and "unnorm_key applies to the ckpt= server only" in statistics.stderr
+    # openpi's clients write ws://host:port; nothing listening is a one-line message, not a traceback
+    gone = run("server=ws://127.0.0.1:1", "robot=maniskill_panda", "server_timeout=1")
+    assert gone.returncode != 0 and "Traceback" not in gone.stderr
+    assert "eval_maniskill.py: no policy server answered http://127.0.0.1:1/healthz within 1 s" in gone.stderr
+    target = run("server=127.0.0.1:1", "robot=maniskill_panda", "env_id=PickObject-v1", "prompt=pick up the piano")
+    assert target.returncode != 0 and "names none of its objects" in target.stderr
 
 
 @pytest.mark.slow
