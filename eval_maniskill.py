@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float:
     try:
         check_task(cfg.env_id)
         prompt = resolve_prompt(cfg.env_id, cfg.prompt)
-        env_kwargs = task_kwargs(cfg.env_id, prompt)
+        env_kwargs = task_kwargs(cfg.env_id, prompt, OmegaConf.to_container(cfg.env_kwargs))
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f"eval_maniskill.py: env_id: {error}") from None
     ckpt_cfg = None

@@ -48,12 +48,12 @@ def building_dir(parent: Path, name: str) -> Iterator[Path]:
     memory: no cleanup runs) left behind is removed by the next build of `name` on this host, and another process's
     build in progress is left alone."""
     parent.mkdir(parents=True, exist_ok=True)
-    host, prefix = socket.gethostname(), f".{name}.building-"
-    for stale in parent.glob(f"{prefix}{host}-*"):
-        pid = stale.name[len(f"{prefix}{host}-") :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    owner = f".{name}.building-{socket.gethostname()}"
+    for stale in parent.glob(f"{owner}-*"):
+        head, pid, _ = stale.name.rsplit("-", 2)  # mkdtemp's random part holds no "-"; a host name may
+        if head == owner and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{host}-{os.getpid()}-"))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{owner}-{os.getpid()}-"))
     try:
         yield tmp
     finally:

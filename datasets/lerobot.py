@@ -169,7 +169,8 @@ def _matrix(column, steps: int, what: str) -> np.ndarray:
     """A list<float> column (one vector per frame), or a plain number column (a feature of shape [1], which LeRobot
     stores as a scalar per frame) -> float32 [T, D]."""
     column = column.combine_chunks()
-    nested = pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type)
+    kind = column.type
+    nested = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
     values = np.asarray(column.flatten() if nested else column, dtype=np.float32)
     if values.size % steps:
         raise ValueError(f"{what}: {values.size} values over {steps} frames are not one vector per frame")

@@ -108,12 +108,12 @@ class LoaderConfig:
 
 # What each key of an RLDSSource must name: an image (encoded frames), numbers, or text.
 KEY_KINDS = {
-    "image_key": "image",
-    "wrist_image_key": "image",
-    "state_key": "vector",
-    "action_key": "vector",
-    "aux_key": "vector",
-    "language_key": "text",
+    "image_key": ("image", "bytes"),
+    "wrist_image_key": ("image", "bytes"),
+    "state_key": ("vector",),
+    "action_key": ("vector",),
+    "aux_key": ("vector",),
+    "language_key": ("text", "bytes"),
 }
 
 
@@ -133,11 +133,11 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
         if key not in available:
             raise KeyError(f"{source.name}: {field_name}={key!r} is not a step feature of {path}; it has {available}")
         found = _feature_kind(_get(step_features, key))
-        if found != expected:
-            candidates = [k for k in available if _feature_kind(_get(step_features, k)) == expected]
+        if found not in expected:
+            candidates = [k for k in available if _feature_kind(_get(step_features, k)) in expected]
             raise ValueError(
-                f"{source.name}: {field_name}={key!r} is a {found} feature of {path}, expected a {expected} feature "
-                f"(its {expected} features: {candidates})"
+                f"{source.name}: {field_name}={key!r} is a {found} feature of {path}, expected "
+                f"{' or '.join(expected)} (its features of that kind: {candidates})"
             )
     action_shape = _get(step_features, source.action_key).shape
     if action_dim is not None and tuple(action_shape) != (action_dim,):
@@ -151,12 +151,13 @@ def open_builder(source: RLDSSource, action_dim: int | None = None) -> tfds.core
 
 
 def _feature_kind(feature) -> str:
-    """ "image", "text" or "vector" (numbers) of a tfds step feature."""
+    """What a tfds step feature holds: an image, text, bytes (a string tensor: encoded frames or text), or a vector
+    (numbers)."""
     if isinstance(feature, tfds.features.Image):
         return "image"
-    if isinstance(feature, tfds.features.Text) or np.dtype(feature.np_dtype) == np.object_:
+    if isinstance(feature, tfds.features.Text):
         return "text"
-    return "vector"
+    return "bytes" if np.dtype(feature.np_dtype) == np.object_ else "vector"
 
 
 def image_side(builder: tfds.core.DatasetBuilder, image_key: str) -> int | None:
@@ -358,7 +359,10 @@ def _statistics_columns(source: RLDSSource, action_dim: int) -> tuple[dict[str, 
                             f"multiple of {width[name]} (one [{width[name]}] per step)"
                         )
                     if not np.isfinite(values).all():  # one NaN would make every frame's normalized input NaN
-                        raise ValueError(f"{source.path}: episode {episode} holds NaN or inf values of {columns[name]}")
+                        hint = " (a model that reads no state: state_key null)" if name == "state" else ""
+                        raise ValueError(
+                            f"{source.path}: episode {episode} holds NaN or inf values of {columns[name]}{hint}"
+                        )
                     found[name].append(values.reshape(-1, width[name]))
                 count += 1
                 bar.update(1)

@@ -176,5 +176,8 @@ def load_policy(
     model.center_crop = bool(loader.get("augment", False))
     model.image_roi = check_roi(loader.get("image_roi"))
     model.camera_size = (cfg.get("robot") or {}).get("camera_size")
-    model.checkpoint = {"path": str(ckpt_dir.resolve()), "step": meta.get("step")}
+    # Named by its run and step dir (<run>/checkpoints/step_N -> "<run>/step_N"): no server path goes to clients.
+    resolved = ckpt_dir.resolve()
+    run = f"{resolved.parent.parent.name}/" if resolved.parent.name == "checkpoints" else ""
+    model.checkpoint = {"name": f"{run}{resolved.name}", "step": meta.get("step")}
     return model.to(torch.device(device)).eval()

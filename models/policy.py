@@ -56,7 +56,7 @@ class Policy(nn.Module):
     # True for a policy that reads the wrist camera (batch["wrist_image"], Observation.wrist_image); train.py refuses
     # loader.use_wrist_image for one that does not (the frames would be decoded for nothing).
     reads_wrist_image: bool = False
-    # Which checkpoint it was loaded from, {"path", "step"} (models.load_policy), sent in the server's metadata so that
+    # Which checkpoint it was loaded from, {"name", "step"} (models.load_policy), sent in the server's metadata so that
     # a client can tell two servers of the same config apart and a results file names what it evaluated.
     checkpoint: dict | None = None
     # State-dict prefixes of weights that follow the trained ones without a gradient (CogACT: its head's EMA).

@@ -105,21 +105,23 @@ def resolve_prompt(env_id: str, prompt: str | None) -> str | None:
     return None if env_id in EPISODE_PROMPT_TASKS else default_prompt(env_id)
 
 
-def task_kwargs(env_id: str, prompt: str | None) -> dict:
-    """gym.make arguments that make a task do what one fixed prompt asks: PickObject-v1's target becomes the object
-    the prompt names (without it each episode draws its own target, and success would be judged on another object
-    than the one asked for). {} for every other task, or without a prompt."""
-    if env_id not in EPISODE_PROMPT_TASKS or not prompt:
-        return {}
+def task_kwargs(env_id: str, prompt: str | None, given: dict | None = None) -> dict:
+    """gym.make arguments of a task: `given` (eval_maniskill.py's env_kwargs), plus what makes it do what one fixed
+    prompt asks: PickObject-v1's target becomes the object the prompt names (without it each episode draws its own
+    target, and success would be judged on another object than the one asked for)."""
+    given = dict(given or {})
+    if env_id not in EPISODE_PROMPT_TASKS or not prompt or "target" in given:
+        return given
     from sim.pick_object import OBJECTS
 
-    named = [name for name in OBJECTS if re.search(rf"\b{name}\b", prompt.lower())]
+    named = [name for name in OBJECTS if re.search(rf"\b{name}(e?s)?\b", prompt.lower())]
     if len(named) != 1:
         raise ValueError(
             f"{env_id}: prompt={prompt!r} names {named or 'none'} of its objects {list(OBJECTS)}, expected exactly "
-            "one (the target); or leave prompt unset: each episode then names its own target"
+            "one (the target); name it with +env_kwargs.target=<object>, or leave prompt unset: each episode then "
+            "names its own target"
         )
-    return {"target": named[0]}
+    return {**given, "target": named[0]}
 
 
 def register_tasks() -> None:

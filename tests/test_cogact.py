@@ -181,7 +181,7 @@ def test_a_broken_checkpoint_is_named_before_the_model_is_built(tiny, tmp_path, 
 
     cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / "step_000003", tiny, cfg, _stats(), step=3)
-    assert load_policy(ckpt).metadata()["checkpoint"] == {"path": str(ckpt.resolve()), "step": 3}
+    assert load_policy(ckpt).metadata()["checkpoint"] == {"name": "run/step_000003", "step": 3}
     with pytest.raises(FileNotFoundError, match=r"it is a training run: pass one of its checkpoints/\['step_000003'\]"):
         load_policy(tmp_path / "run")
 

@@ -225,6 +225,17 @@ def test_a_one_number_feature_stored_as_a_scalar_column_is_a_1d_vector(tmp_path)
     np.testing.assert_allclose(np.sort(np.concatenate(states)), np.sort(np.concatenate(expected)))
 
 
+@pytest.mark.parametrize(
+    "kind", [pa.list_(pa.float32()), pa.large_list(pa.float32()), pa.list_(pa.float32(), 2), pa.float32()]
+)
+def test_vector_columns_of_every_arrow_list_type_become_a_matrix(kind) -> None:
+    from datasets.lerobot import _matrix
+
+    rows = [[1.0, 2.0], [3.0, 4.0]] if kind != pa.float32() else [1.0, 3.0]
+    expected = np.reshape(rows, (2, -1))
+    np.testing.assert_array_equal(_matrix(pa.chunked_array([pa.array(rows, kind)]), 2, "x"), expected)
+
+
 def test_lerobot_errors_name_what_is_wrong(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"meta/info\.json does not exist"):
         LeRobotDataset(tmp_path)

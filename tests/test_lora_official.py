@@ -42,6 +42,24 @@ def _write_official_run(model, run_dir: Path) -> Path:
     return run_dir
 
 
+def _save_trained_lora(model, cfg, path: Path):
+    """A LoRA checkpoint (trained weights only) of `model` after a stand-in for training: adapters that change the
+    output. Returns it and the config it was saved with."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.set_statistics(_stats())
+    saved_cfg = OmegaConf.create(
+        {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "finetune": OmegaConf.to_container(cfg.finetune),
+            "unnorm_key": None,
+        }
+    )
+    return save_checkpoint(path, model, saved_cfg, _stats(), step=1, trainable_only=True), saved_cfg
+
+
 def _sample(model, batch) -> torch.Tensor:
     model.eval()
     return model.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
@@ -106,19 +124,7 @@ def test_lora_checkpoint_holds_only_trained_weights_and_merges(official_run, tmp
     assert 0 < counts["trainable"] < counts["total"]
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"llm_backbone", "projector", "action_model"}
-    with torch.no_grad():  # stand-in for training: adapters that change the output
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    model.set_statistics(_stats())
-    saved_cfg = OmegaConf.create(
-        {
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "finetune": OmegaConf.to_container(cfg.finetune),
-            "unnorm_key": None,
-        }
-    )
-    ckpt = save_checkpoint(tmp_path / "lora", model, saved_cfg, _stats(), step=1, trainable_only=True)
+    ckpt, saved_cfg = _save_trained_lora(model, cfg, tmp_path / "lora")
     stored = load_file(str(ckpt / "model.safetensors"))
     assert not any(k.startswith("vision_backbone") for k in stored)
     assert any("lora_A" in k for k in stored) and not any("base_layer" in k for k in stored)
@@ -199,15 +205,7 @@ def test_openvlas_lora_recipe_adapts_vits_and_projector_from_a_gaussian_init(off
     # peft's gaussian init draws N(0, 1/r); its default (Kaiming-uniform, fan-in 96-512 here) has std 0.03-0.06.
     assert abs(draws.std().item() - 1 / 8) < 0.01
 
-    with torch.no_grad():  # stand-in for training: adapters that change the output
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    model.set_statistics(_stats())
-    saved_cfg = OmegaConf.create(
-        {"model": OmegaConf.to_container(cfg.model, resolve=True), "finetune": OmegaConf.to_container(cfg.finetune)}
-    )
-    ckpt = save_checkpoint(tmp_path / "lora", model, saved_cfg, _stats(), step=1, trainable_only=True)
+    ckpt, _ = _save_trained_lora(model, cfg, tmp_path / "lora")
     stored = load_file(str(ckpt / "model.safetensors"))
     assert sorted(stored) == sorted(trained)
     batch = _batch(model)

@@ -264,10 +264,19 @@ def test_bad_inputs_name_what_is_wrong(sample_rlds, tmp_path) -> None:
         _ = RLDSSource(name="empty", data_dir=str(tmp_path)).path
     with pytest.raises(KeyError, match="observation/image"):
         open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), image_key="observation/rgb"))
-    with pytest.raises(ValueError, match=r"state_key='observation/image' is a image feature.*expected a vector"):
+    with pytest.raises(ValueError, match=r"state_key='observation/image' is a image feature.*expected vector"):
         open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), state_key="observation/image"))
     with pytest.raises(ValueError, match=r"image_key='observation/state' is a vector feature.*'observation/image'"):
         open_builder(RLDSSource(name="sample", data_dir=str(sample_rlds), image_key="observation/state"))
+
+
+def test_feature_kinds_accept_encoded_frames_in_a_string_tensor() -> None:
+    from datasets.rlds import KEY_KINDS, _feature_kind
+
+    encoded = _feature_kind(tfds.features.Tensor(shape=(), dtype=np.object_))
+    assert encoded in KEY_KINDS["image_key"] and encoded in KEY_KINDS["language_key"]
+    assert _feature_kind(tfds.features.Text()) not in KEY_KINDS["image_key"]
+    assert _feature_kind(tfds.features.Tensor(shape=(7,), dtype=np.float32)) == "vector"
 
 
 def test_builder_refuses_nan_and_wrong_shapes(tmp_path) -> None:
@@ -309,12 +318,14 @@ def test_a_killed_builds_leftovers_are_removed_by_the_next_build_and_a_running_o
     host = socket.gethostname()
     killed = tmp_path / f".sample.building-{host}-{dead.stdout.strip()}-x1"
     running = tmp_path / f".sample.building-{host}-{os.getppid()}-x2"  # pytest's parent: alive
-    for left in (killed, running):
+    # On a shared disk: host "<host>-31337"'s build (pid 4242 there), not a dead pid 31337 of this host.
+    other_host = tmp_path / f".sample.building-{host}-31337-4242-x3"
+    for left in (killed, running, other_host):
         (left / "sample" / "1.0.0").mkdir(parents=True)
     from datasets.sample import build_sample_dataset
 
     build_sample_dataset(tmp_path, num_episodes=2, steps=3, image_size=8, num_shards=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "sample"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other_host.name, "sample"])
 
 
 def test_action_size_mismatch_and_truncated_shards_are_named(tmp_path) -> None:

@@ -108,6 +108,24 @@ def test_resume_refuses_another_process_count_and_explains_a_longer_schedule(tmp
     check_resume_settings({"settings": settings}, settings, tmp_path, num_processes=4)  # saved before it was recorded
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_behaviour(tmp_path: Path) -> None:
+    """Settings added later (dataset.balance_weights, finetune.lora.projector) compare as their old behaviour; the
+    robot's action scale, read only by evaluation, may change."""
+    from hydra import compose, initialize_config_dir
+
+    from training.checkpoints import check_resume_settings, run_settings
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        overrides = ["dataset=custom_rlds", "finetune=lora", "robot=libero_franka", "paths.data_dir=/data"]
+        now = run_settings(compose("train", overrides=overrides))
+    assert now["dataset.balance_weights"] is False and not any(k.startswith("robot.action_scale") for k in now)
+    old = {k: v for k, v in now.items() if k not in ("dataset.balance_weights", "finetune.lora.projector")}
+    old |= {"robot.action_scale.position": 1.0, "robot.action_scale.rotation": 1.0}
+    check_resume_settings({"settings": old}, now, tmp_path)
+    with pytest.raises(ValueError, match=r"finetune.lora.projector: the run has False, this command True"):
+        check_resume_settings({"settings": old}, {**now, "finetune.lora.projector": True}, tmp_path)
+
+
 def test_precision_follows_the_launcher_unless_set_and_a_conflicting_accumulation_is_refused(monkeypatch) -> None:
     from training.loop import _accelerator, _reset_accelerate_state
 
@@ -363,6 +381,23 @@ def test_a_two_camera_model_trains_on_a_dataset_with_a_wrist_camera(tmp_path: Pa
     assert any("val/loss" in r for r in records)
     refused = _run_train(tmp_path / "again", *common, "model.wrist_image=false", "loader.use_wrist_image=true")
     assert refused.returncode != 0 and "reads the external camera only" in refused.stderr
+
+
+@pytest.mark.slow
+def test_balanced_weights_draw_each_source_by_its_size(tmp_path: Path) -> None:
+    from datasets.sample import build_sample_dataset
+
+    build_sample_dataset(tmp_path / "rlds", "small", num_episodes=4, steps=5, image_size=16, num_shards=1)
+    build_sample_dataset(tmp_path / "rlds", "large", num_episodes=4, steps=15, image_size=16, num_shards=1)
+    sources = "[{name: small, data_dir: ${dataset.root}}, {name: large, data_dir: ${dataset.root}}]"
+    mixture = ["dataset=custom_rlds", f"dataset.root={tmp_path / 'rlds'}", f"dataset.sources={sources}"]
+    common = ["debug=smoke", "max_steps=1", "save_every=1", "unnorm_key=small", *mixture]
+    result = _run_train(tmp_path / "balanced", *common, "dataset.balance_weights=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixture: small 25.0%, large 75.0% of the training frames" in result.stdout  # 20 and 60 transitions
+    result = _run_train(tmp_path / "by_weight", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixture: small 50.0%, large 50.0% of the training frames" in result.stdout
 
 
 def test_a_resumed_run_forgets_the_records_of_the_steps_it_trains_again(tmp_path: Path) -> None:

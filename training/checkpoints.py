@@ -36,6 +36,10 @@ RESUMABLE_KEYS = frozenset(
         "paths",
     }
 )
+# Nested settings only evaluation reads (eval_maniskill.py's action mapping): they may change on resume too.
+EVAL_ONLY_PREFIXES = ("robot.action_scale.",)
+# Settings added after runs were saved without them, with the value that gives the behaviour those runs trained with.
+ADDED_SETTINGS = {"dataset.balance_weights": False, "finetune.lora.projector": False}
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -121,7 +125,8 @@ def run_settings(cfg: DictConfig) -> dict:
             continue
         node = cfg[key]
         tree[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    return json.loads(json.dumps(_flatten(tree)))  # as trainer.json stores them (tuples become lists)
+    settings = json.loads(json.dumps(_flatten(tree)))  # as trainer.json stores them (tuples become lists)
+    return {k: v for k, v in settings.items() if not k.startswith(EVAL_ONLY_PREFIXES)}
 
 
 def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path, num_processes: int = 1) -> None:
@@ -137,12 +142,15 @@ def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path, num_pro
     saved = trainer_state.get("settings")
     if saved is None:  # a state saved before the settings were recorded
         return
-    differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    saved = {k: v for k, v in saved.items() if not k.startswith(EVAL_ONLY_PREFIXES)}  # stored by older runs
+
+    def value(settings: dict, key: str) -> object:
+        return settings.get(key, ADDED_SETTINGS.get(key, "<unset>"))
+
+    differ = sorted(k for k in saved.keys() | now.keys() if value(saved, k) != value(now, k))
     if not differ:
         return
-    rows = "\n".join(
-        f"  {k}: the run has {saved.get(k, '<unset>')!r}, this command {now.get(k, '<unset>')!r}" for k in differ
-    )
+    rows = "\n".join(f"  {k}: the run has {value(saved, k)!r}, this command {value(now, k)!r}" for k in differ)
     overrides = " ".join(trainer_state.get("overrides") or [])
     if "scheduler.num_training_steps" in differ:
         rows += (
