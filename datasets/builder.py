@@ -64,12 +64,11 @@ def _features(schema: EpisodeSchema) -> tfds.features.FeaturesDict:
 
 def check_frames(images: np.ndarray, key: str, source: str) -> None:
     """Camera frames must be uint8 0-255: a float [0, 1] image cast to uint8 would be stored black."""
-    dtype = np.asarray(images).dtype
-    if dtype != np.uint8:
-        values = np.asarray(images)
-        found = f" in [{values.min():g}, {values.max():g}]" if values.size and dtype.kind in "fiu" else ""
+    values = np.asarray(images)
+    if values.dtype != np.uint8:
+        found = f" in [{values.min():g}, {values.max():g}]" if values.size and values.dtype.kind in "fiu" else ""
         raise ValueError(
-            f"{source}: {key} is {dtype}{found}, expected uint8 [T, H, W, 3] in 0-255 "
+            f"{source}: {key} is {values.dtype}{found}, expected uint8 [T, H, W, 3] in 0-255 "
             "(a float image in [0, 1]: (image * 255).round().astype(np.uint8))"
         )
 
@@ -101,9 +100,9 @@ def _check_episode(index: int, episode: dict, schema: EpisodeSchema) -> int:
         if key in expected:
             check_frames(episode[key], key, source)
     for key in ("state", "object_pos"):
-        values = np.asarray(episode[key]) if key in expected else None
-        if values is not None and not np.isfinite(values).all():
-            bad = np.where(~np.isfinite(values).all(1))[0]
+        finite = np.isfinite(episode[key]).all(1) if key in expected else None
+        if finite is not None and not finite.all():
+            bad = np.flatnonzero(~finite)
             raise ValueError(f"{source}: {key} holds NaN or inf at steps {bad[:5].tolist()} ({len(bad)} steps)")
     if not isinstance(episode.get("language_instruction"), str):
         raise ValueError(f"{source}: language_instruction must be a string")
