@@ -71,6 +71,7 @@ def main(cfg: DictConfig) -> float:
                     device=cfg.device,
                     unnorm_key=cfg.unnorm_key,
                     sampling=OmegaConf.to_container(cfg.sampling),
+                    dtype=cfg.dtype,
                 )
             except ValueError as error:
                 raise SystemExit(f"eval_maniskill.py: {error}") from None

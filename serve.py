@@ -24,7 +24,11 @@ def main(cfg: DictConfig) -> None:
 
     try:
         policy = load_policy(
-            cfg.ckpt, device=cfg.device, unnorm_key=cfg.unnorm_key, sampling=OmegaConf.to_container(cfg.sampling)
+            cfg.ckpt,
+            device=cfg.device,
+            unnorm_key=cfg.unnorm_key,
+            sampling=OmegaConf.to_container(cfg.sampling),
+            dtype=cfg.dtype,
         )
     except ValueError as error:
         raise SystemExit(f"serve.py: {error}") from None

@@ -21,7 +21,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 
 from datasets.atomic import building_dir, replace_dir, write_json_atomic
@@ -34,7 +34,7 @@ from datasets.statistics import (
     select_statistics,
     to_norm_stats,
 )
-from models.finetune import add_lora_adapters
+from models.finetune import add_lora_adapters, vision_lora_targets
 from models.policy import Policy
 
 PACKAGES = ("torch", "transformers", "timm", "peft", "accelerate", "tensorflow-cpu", "tensorflow", "mani_skill")
@@ -118,13 +118,31 @@ def load_config(ckpt_dir: str | Path) -> DictConfig:
     return OmegaConf.load(ckpt_dir / "config.yaml")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype a served VLM's weights take: "auto" is bfloat16 on a GPU (as CogACT and OpenVLA serve, half the
+    memory of float32) and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected auto, {' or '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_policy(
-    ckpt_dir: str | Path, device: str = "cpu", unnorm_key: str | None = None, sampling: dict | None = None
+    ckpt_dir: str | Path,
+    device: str = "cpu",
+    unnorm_key: str | None = None,
+    sampling: dict | None = None,
+    dtype: str = "float32",
 ) -> Policy:
     """Rebuild the policy from <ckpt>/config.yaml, load its weights and statistics; ready for inference.
     `sampling` overrides inference-only model settings (CogACT: cfg_scale, ddim_steps); a None value keeps the
-    checkpoint's."""
+    checkpoint's. dtype: the backbone's weights (see inference_dtype; the action head stays float32)."""
     ckpt_dir = Path(ckpt_dir)
+    backbone_dtype = inference_dtype(dtype, device)
     cfg = load_config(ckpt_dir)
     meta = json.loads((ckpt_dir / "meta.json").read_text()) if (ckpt_dir / "meta.json").is_file() else {}
     # The statistics and the key they un-normalize with are checked before the (for a 7B model, minutes-long) build.
@@ -137,6 +155,8 @@ def load_policy(
     trainable_only = meta.get("weights") == "trainable_only"
     # A full checkpoint holds every weight: never fetch base weights again. A LoRA one rebuilds its base first.
     overrides: dict = {"pretrained": None} if "pretrained" in cfg.model and not trainable_only else {}
+    if not trainable_only and (cfg.model.get("vision_backbone") or {}).get("pretrained"):
+        overrides["vision_backbone"] = {**OmegaConf.to_container(cfg.model.vision_backbone), "pretrained": False}
     for key, value in (sampling or {}).items():
         if value is None:
             continue
@@ -157,10 +177,13 @@ def load_policy(
             raise ValueError(f"{ckpt_dir}: {error.__cause__}") from error
         raise
     finetune = cfg.get("finetune") or {}
-    if finetune.get("mode") == "lora":
-        add_lora_adapters(model, **OmegaConf.to_container(finetune.get("lora") or OmegaConf.create({})))
     weights = ckpt_dir / "model.safetensors"
     try:
+        if finetune.get("mode") == "lora":
+            lora = OmegaConf.to_container(finetune.get("lora") or OmegaConf.create({}))
+            with safe_open(str(weights), "pt") as saved:
+                lora.setdefault("vision_targets", vision_lora_targets(list(saved.keys())))
+            add_lora_adapters(model, **lora)
         if trainable_only:
             state = load_file(str(weights))
             unexpected = sorted(set(state) - set(model.state_dict()))
@@ -171,6 +194,7 @@ def load_policy(
             load_model(model, str(weights), strict=True, device="cpu")
     except SafetensorError as error:
         raise ValueError(f"{weights} cannot be read ({error}): truncated or not a safetensors file") from None
+    model.cast_backbone(backbone_dtype)
     model.set_statistics(statistics, unnorm_key)
     loader = cfg.get("loader") or {}
     model.center_crop = bool(loader.get("augment", False))

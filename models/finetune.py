@@ -17,6 +17,18 @@ FROZEN_MODULES = {
     "head_only": ("vision_backbone", "projector", "llm_backbone"),
     "lora": ("vision_backbone", "llm_backbone"),  # adapters are added after freezing, and they train
 }
+# The linear layers of each ViT block (peft matches the whole module name): OpenVLA's "all-linear" over the ViTs,
+# without the heads the featurizer never runs (SigLIP's attention pool).
+VISION_LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+# What checkpoints saved before 2026-12-03 adapted: name suffixes, which also caught the patch embedding's Conv2d.
+LEGACY_VISION_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
+
+
+def vision_lora_targets(state_keys: list[str]) -> str | list[str]:
+    """The ViT target modules a saved adapter state was trained with: the legacy suffixes when it adapted the patch
+    embedding, VISION_LORA_TARGETS otherwise."""
+    legacy = any(".patch_embed.proj.lora_" in key for key in state_keys)
+    return LEGACY_VISION_LORA_TARGETS if legacy else VISION_LORA_TARGETS
 
 
 def apply_finetune(model: nn.Module, finetune: DictConfig) -> dict[str, int]:
@@ -58,16 +70,17 @@ def add_lora_adapters(
     vision: bool = False,
     init: bool | str = True,
     projector: bool = False,
+    vision_targets: str | list[str] = VISION_LORA_TARGETS,
 ) -> None:
     """Wrap the LLM (and optionally both ViTs and the projector) with peft LoRA adapters; only the adapters of those
     modules train. init: peft's init_lora_weights (True: Kaiming-uniform A; "gaussian": OpenVLA's; B starts at zero
-    either way)."""
+    either way). vision_targets: the ViT modules adapted (see vision_lora_targets for saved adapters)."""
     if isinstance(model.llm_backbone.llm, PeftModel):
         raise ValueError("the LLM already carries LoRA adapters")
     common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init, bias="none")
     model.llm_backbone.llm = get_peft_model(model.llm_backbone.llm, LoraConfig(target_modules=target_modules, **common))
     if vision:
-        vision_config = LoraConfig(target_modules=["qkv", "proj", "fc1", "fc2"], **common)
+        vision_config = LoraConfig(target_modules=vision_targets, **common)
         backbone = model.vision_backbone
         backbone.featurizer = get_peft_model(backbone.featurizer, vision_config)
         backbone.fused_featurizer = get_peft_model(backbone.fused_featurizer, vision_config)

@@ -61,6 +61,9 @@ class Policy(nn.Module):
     checkpoint: dict | None = None
     # State-dict prefixes of weights that follow the trained ones without a gradient (CogACT: its head's EMA).
     derived_state_prefixes: tuple[str, ...] = ()
+    # The modules whose weights may be stored in half precision (cast_backbone): the pretrained VLM. The rest (an
+    # action head, its EMA, small projections) stays float32, as CogACT serves its VLM in bf16 and its DiT in fp32.
+    backbone_modules: tuple[str, ...] = ()
     # dataset_statistics.json content and the key of its entry that (un-)normalizes: set_statistics.
     statistics: dict | None = None
     unnorm_key: str | None = None
@@ -81,6 +84,18 @@ class Policy(nn.Module):
         checkpoint and the resume state hold only these."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k for k in self.state_dict() if k in trainable or k.startswith(self.derived_state_prefixes)}
+
+    def cast_backbone(self, dtype: torch.dtype, frozen_only: bool = False) -> int:
+        """Store the backbone modules' floating-point parameters in dtype (with frozen_only, the frozen ones alone:
+        trainable weights, LoRA adapters among them, stay float32 for the optimizer). Buffers keep their dtype.
+        Returns the number of values cast."""
+        cast = 0
+        for name in self.backbone_modules:
+            for parameter in getattr(self, name).parameters():
+                if parameter.is_floating_point() and not (frozen_only and parameter.requires_grad):
+                    parameter.data = parameter.data.to(dtype)
+                    cast += parameter.numel()
+        return cast
 
     def set_statistics(self, statistics: dict, unnorm_key: str | None = None) -> None:
         """Statistics (dataset_statistics.json) used to un-normalize predictions; unnorm_key picks the dataset."""

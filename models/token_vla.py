@@ -157,7 +157,7 @@ class TokenVLA(PrismaticPolicy):
             ids.append(logits[-1].argmax(dim=-1) + first)
             if k + 1 < count:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                step = llm.embed(ids[-1][:, None]).to(patches.dtype)
+                step = llm.embed(ids[-1][:, None])  # in the dtype of the prompt's embeddings (with_image)
                 hidden = llm(step, mask, cache, position_ids=(lengths + k)[:, None])[:, 0]
         return torch.stack(ids, dim=1), torch.stack(logits, dim=1)
 

@@ -11,8 +11,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import models.cogact.vision as vision
 from datasets.statistics import summarize
 from models import Observation, load_policy, save_checkpoint
+from models.checkpoint import inference_dtype
 from models.cogact.diffusion import GaussianDiffusion, cosine_betas
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -172,6 +174,66 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         (ckpt / "model.safetensors").unlink()
         load_policy(ckpt)
+
+
+def test_a_bf16_backbone_serves_the_float32_actions_within_its_precision(tiny, tmp_path) -> None:
+    """dtype=bfloat16 (serve.py's auto on a GPU): the VLM's weights in bf16, the action head in float32, as CogACT
+    serves; the cognition feature and the actions stay close to float32's."""
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=1)
+    full, half = load_policy(ckpt), load_policy(ckpt, dtype="bfloat16")
+    dtypes = {(name.split(".")[0], p.dtype) for name, p in half.named_parameters()}
+    assert dtypes == {
+        ("vision_backbone", torch.bfloat16),
+        ("projector", torch.bfloat16),
+        ("llm_backbone", torch.bfloat16),
+        ("action_model", torch.float32),
+    }
+    batch = _batch(tiny)
+    cognition = [m.cognition_features(batch["image"], batch["prompt"]) for m in (full, half)]
+    assert cognition[1].dtype == torch.float32
+    assert (cognition[1] - cognition[0]).norm() / cognition[0].norm() < 0.02  # bf16 keeps 8 bits of mantissa
+    actions = [
+        m.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
+        for m in (full, half)
+    ]
+    difference = (actions[1].clamp(-1, 1) - actions[0].clamp(-1, 1)).abs()  # as served: clipped to [-1, 1]
+    assert difference.mean() < 0.01 and difference.max() < 0.2
+    assert inference_dtype("auto", "cpu") == torch.float32 and inference_dtype("auto", "cuda:1") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='fp8': expected auto, float32 or bfloat16"):
+        load_policy(ckpt, dtype="fp8")
+
+
+def test_a_full_checkpoint_never_fetches_timms_vision_weights_again(tiny, tmp_path, monkeypatch) -> None:
+    """A run trained from timm's pretrained ViTs (vision_backbone.pretrained=true) saves every weight: loading it
+    builds the ViTs without timm's download (no network on a robot's PC)."""
+    cfg = OmegaConf.create({"model": OmegaConf.to_container(_model_cfg().model, resolve=True), "unnorm_key": "toy"})
+    cfg.model.vision_backbone.pretrained = True
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny, cfg, _stats(), step=1)
+
+    create, asked = vision.timm.create_model, []
+
+    def spy(name: str, **kwargs: object) -> torch.nn.Module:
+        asked.append(kwargs["pretrained"])
+        return create(name, **{**kwargs, "pretrained": False})
+
+    monkeypatch.setattr(vision.timm, "create_model", spy)
+    load_policy(ckpt)
+    assert asked == [False, False]
+
+
+@pytest.mark.gpu
+def test_validation_samples_on_the_gpu_with_a_cpu_generator(tiny) -> None:
+    """training.validation seeds a CPU generator whatever the model's device: the noise is drawn on the CPU and
+    moved, so the GPU's actions are the CPU's."""
+    batch = _batch(tiny)
+    tiny.eval()
+    on_cpu = tiny.predict_normalized(batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0))
+    on_gpu = tiny.to("cuda").predict_normalized(
+        batch["image"], batch["prompt"], generator=torch.Generator().manual_seed(0)
+    )
+    tiny.to("cpu")
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-3, rtol=1e-3)
 
 
 def test_a_broken_checkpoint_is_named_before_the_model_is_built(tiny, tmp_path, monkeypatch) -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from models import load_policy, save_checkpoint
 from models.cogact.official import MODULE_KEYS, load_official_weights
-from models.finetune import apply_finetune_mode
+from models.finetune import LEGACY_VISION_LORA_TARGETS, apply_finetune_mode
 from models.merge_lora import merge_checkpoint
 from tests.test_cogact import _batch, _stats
 
@@ -201,6 +201,7 @@ def test_openvlas_lora_recipe_adapts_vits_and_projector_from_a_gaussian_init(off
     for module in (".featurizer.", ".fused_featurizer.", "projector."):
         assert any(module in n for n in adapters), module
     assert sum(n.startswith("projector.") for n in adapters) == 3  # its three linear layers
+    assert not any("patch_embed" in n or "attn_pool" in n for n in adapters)  # the blocks' linear layers only
     draws = torch.cat([p.detach().flatten() for p in adapters.values()])
     # peft's gaussian init draws N(0, 1/r); its default (Kaiming-uniform, fan-in 96-512 here) has std 0.03-0.06.
     assert abs(draws.std().item() - 1 / 8) < 0.01
@@ -214,3 +215,16 @@ def test_openvlas_lora_recipe_adapts_vits_and_projector_from_a_gaussian_init(off
     merged = load_policy(merge_checkpoint(ckpt, tmp_path / "merged"))
     assert not any("lora" in k or "base_model" in k for k in merged.state_dict())
     torch.testing.assert_close(_sample(merged, batch), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_saved_on_the_patch_embedding_still_load(official_run, tmp_path) -> None:
+    """Checkpoints saved before 2026-12-03 also adapted the ViTs' patch-embedding Conv2d: they load as trained."""
+    run_dir, _ = official_run
+    cfg = _cfg("finetune=lora_openvla", "finetune.lora.r=8", f"model.pretrained={run_dir}")
+    model = instantiate(cfg.model)
+    lora = {**OmegaConf.to_container(cfg.finetune.lora), "vision_targets": LEGACY_VISION_LORA_TARGETS}
+    apply_finetune_mode(model, "lora", lora)
+    assert any(".patch_embed.proj.lora_A" in n for n, _ in model.named_parameters())
+    ckpt, _ = _save_trained_lora(model, cfg, tmp_path / "legacy")
+    batch = _batch(model)
+    torch.testing.assert_close(_sample(load_policy(ckpt), batch), _sample(model, batch))

@@ -2,14 +2,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
+
+from models import Observation, load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,11 +75,31 @@ def test_multirun_runs_one_job_per_value(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_sweep_may_change_the_precision_between_jobs(tmp_path: Path) -> None:
+    """And under bf16 a LoRA run stores its frozen base in bf16 (cast_frozen): it trains, validates and saves a
+    checkpoint that loads into a float32 model."""
     result = _run_train(
-        tmp_path, "-m", "debug=smoke", "max_steps=2", "save_every=2", "val_every=2", "mixed_precision=no,bf16"
+        tmp_path,
+        "-m",
+        "debug=smoke",
+        "finetune=lora",
+        "max_steps=2",
+        "save_every=2",
+        "val_every=2",
+        "mixed_precision=no,bf16",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "mixed precision no" in result.stdout and "mixed precision bf16" in result.stdout
+    assert "mixed precision no\n" in result.stdout
+    assert re.search(r"mixed precision bf16, [0-9.]+M frozen weights stored in bf16", result.stdout)
+    for line in result.stdout.splitlines():
+        if line.startswith("checkpoint: "):
+            policy = load_policy(line.split(" ", 1)[1])
+            assert {p.dtype for p in policy.parameters()} == {torch.float32}
+            image = np.zeros((policy.image_size, policy.image_size, 3), np.uint8)
+            assert np.isfinite(policy.predict_action(Observation(image, "push the cube"))).all()
+    for job in (tmp_path / "sweep").iterdir():
+        if job.is_dir():
+            records = [json.loads(r) for r in (job / "metrics.jsonl").read_text().splitlines()]
+            assert any(np.isfinite(r.get("val/loss", np.nan)) for r in records), job
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ RESUMABLE_KEYS = frozenset(
     {
         "resume",
         "device",
+        "cast_frozen",  # how frozen weights are stored; autocast multiplies with them in bf16 either way
         "max_steps",
         "log_every",
         "save_every",

@@ -187,10 +187,11 @@ class ActionModel(nn.Module):
         return ((predicted.float() - noise.float()) ** 2).mean()
 
     def initial_noise(self, condition: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal [B, T, A] in the head's dtype: where sampling starts."""
+        """Standard normal [B, T, A] on the condition's device, in the head's dtype: where sampling starts. The noise
+        is drawn where the generator lives (validation seeds a CPU one for a model on any device), then moved."""
         shape = (condition.shape[0], self.horizon, self.action_dim)
-        noise = torch.randn(*shape, generator=generator, device=condition.device)
-        return noise.to(self.net.x_embedder.linear.weight.dtype)
+        noise = torch.randn(*shape, generator=generator, device=generator.device if generator else condition.device)
+        return noise.to(condition.device, self.net.x_embedder.linear.weight.dtype)
 
     def guided(
         self, condition: torch.Tensor, cfg_scale: float, state: torch.Tensor | None = None

@@ -95,8 +95,8 @@ class LlamaBackbone(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prismatic's layout: BOS, the projected image patches [B, N, D], the rest of the text. Returns the input
         embeddings [B, N + L, D] and attention mask; text position i is at N + i from position 1 on."""
-        text = self.embed(input_ids).to(patches.dtype)
-        embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
+        text = self.embed(input_ids)
+        embeds = torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
         patch_mask = torch.ones(patches.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
         return embeds, torch.cat([text_mask[:, :1], patch_mask, text_mask[:, 1:]], dim=1)
 

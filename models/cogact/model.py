@@ -143,9 +143,10 @@ class CogACT(PrismaticPolicy):
         self, images: torch.Tensor, prompts: list[str], wrist_images: torch.Tensor | None = None
     ) -> torch.Tensor:
         """images uint8 [B, S, S, 3] (and wrist_images, for a model that reads them), prompts -> the last-layer hidden
-        state at the cognition token [B, 1, D]."""
+        state at the cognition token [B, 1, D], in float32 (what the head and its projections read, whatever the
+        LLM's dtype)."""
         hidden, last = self.hidden_states(self.image_patches(images, wrist_images), prompts)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1).float()
 
     def condition(
         self,

@@ -50,7 +50,7 @@ class DinoSigLIPBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 [B, S, S, 3] -> patch features [B, N, D]."""
-        pixels = images.permute(0, 3, 1, 2).to(self.dino_mean.dtype) / 255.0
+        pixels = images.permute(0, 3, 1, 2).float() / 255.0  # normalized in float32, then cast to each ViT's dtype
         features = []
         for model, mean, std in (
             (self.featurizer, self.dino_mean, self.dino_std),

@@ -17,6 +17,8 @@ class PrismaticPolicy(Policy):
     OpenVLA-OFT feeds a second camera): twice the image tokens, no new weights, so the released weights load as
     they are."""
 
+    backbone_modules = ("vision_backbone", "projector", "llm_backbone")
+
     def __init__(
         self,
         vision_backbone: dict,
@@ -47,15 +49,19 @@ class PrismaticPolicy(Policy):
             if batch is not None and batch.shape[1:3] != (self.image_size, self.image_size):
                 raise ValueError(f"{name} are {tuple(batch.shape[1:3])}, the model expects {self.image_size} px square")
         if not self.reads_wrist_image:
-            return self.projector(self.vision_backbone(images.to(self.device)))
+            return self._project(self.vision_backbone(images.to(self.device)))
         if wrist_images is None or len(wrist_images) != len(images):
             raise ValueError(
                 "this model reads the wrist camera too (model.wrist_image=true): training needs the dataset's "
                 "wrist_image_key and loader.use_wrist_image=true, clients the robot's observation_keys.wrist_image; "
                 f"got {'none' if wrist_images is None else len(wrist_images)} wrist images for {len(images)} images"
             )
-        both = self.projector(self.vision_backbone(torch.cat([images, wrist_images]).to(self.device)))
+        both = self._project(self.vision_backbone(torch.cat([images, wrist_images]).to(self.device)))
         return torch.cat(both.chunk(2), dim=1)  # one pass of the ViTs over both cameras
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector over the ViTs' features, in the projector's dtype (the two may differ: cast_backbone)."""
+        return self.projector(features.to(next(self.projector.parameters()).dtype))
 
     def hidden_states(
         self, patches: torch.Tensor, prompts: list[str], suffixes: list[list[int]] | None = None
