@@ -50,7 +50,8 @@ def load_official_weights(model: nn.Module, pretrained: str) -> dict[str, list[s
     pretrained weights, `vision_backbone` may be absent."""
     run_dir = resolve_run_dir(pretrained)
     checkpoint = find_checkpoint_file(run_dir)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    # Memory-mapped: each tensor is read as it is copied into the model, not a second 30 GB held in RAM.
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["model"]
     report = {"loaded": [], "kept": []}
     problems = []
     for key in (*MODULE_KEYS, "ema_diffusion"):
