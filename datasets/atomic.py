@@ -12,12 +12,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     """Write JSON to a temp file beside `path`, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it (mkstemp's is private: 0600)
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2)
             f.flush()
@@ -54,6 +61,7 @@ def building_dir(parent: Path, name: str) -> Iterator[Path]:
         if head == owner and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{owner}-{os.getpid()}-"))
+    tmp.chmod(0o777 & ~_umask())  # as mkdir would make it (mkdtemp's is private: 0700): others may read the result
     try:
         yield tmp
     finally:

@@ -71,3 +71,13 @@ def test_ranks_of_one_launch_agree_on_the_run_dir(monkeypatch) -> None:
     assert run_stamp() == run_stamp()  # both "ranks" share this process's parent, as torchrun's children do
     monkeypatch.setenv("VLA_RUN_STAMP", "job-42")
     assert run_stamp() == "job-42"
+
+
+def test_a_multirun_jobs_dir_is_one_short_name() -> None:
+    from training.run_dir import JOB_NAME_BYTES, job_dirname
+
+    assert job_dirname("optimizer.lr=0.0001") == "optimizer.lr=0.0001"
+    assert job_dirname("paths.data_dir=/scratch/me/data") == "paths.data_dir=_scratch_me_data"  # no nested dirs
+    long = ",".join(f"model.setting_{i}=é{i}" for i in range(40))  # a long sweep, with 2-byte characters
+    name = job_dirname(long)
+    assert len(name.encode()) <= JOB_NAME_BYTES and name.endswith("...") and long.startswith(name[:-3])

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 
-from datasets.atomic import write_json_atomic
+from datasets.atomic import building_dir, replace_dir, write_json_atomic
 from datasets.statistics import (
     check_unnormalized_ranges,
     load_statistics,
@@ -108,6 +110,22 @@ def test_failed_write_keeps_the_old_file(tmp_path) -> None:
         write_json_atomic(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+
+
+def test_atomic_writes_are_readable_by_others_as_the_umask_allows(tmp_path) -> None:
+    """mkstemp / mkdtemp make private files and dirs (0600 / 0700): a checkpoint or dataset written through them is
+    still readable by another account (a serving user) when the umask is 022."""
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "stats.json", {"a": 1})
+        with building_dir(tmp_path, "ckpt") as built:
+            write_json_atomic(built / "meta.json", {"b": 2})
+            replace_dir(built, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "stats.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ckpt" / "meta.json").stat().st_mode) == 0o644
 
 
 def test_unnormalized_dims_must_lie_where_inference_returns_them() -> None:

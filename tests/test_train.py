@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -202,13 +203,16 @@ def test_slurm_tasks_of_a_submitit_job_become_the_processes_of_one_run() -> None
 
 def _losses(run_dir: Path) -> dict[int, float]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m["train/loss"] for m in lines if "val/loss" not in m}
+    steps = [m["step"] for m in lines]
+    assert len(steps) == len(set(steps)), steps  # one record per step, validation's merged in
+    return {m["step"]: m["train/loss"] for m in lines}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, finetune: str) -> None:
-    common = ["debug=smoke", "scheduler=constant", "log_every=1", "save_every=3", "val_every=3", "loader.augment=true"]
+    # Logged every 2 steps, saved every 3: the mean logged at step 4 spans the interruption (steps 3 and 4).
+    common = ["debug=smoke", "scheduler=constant", "log_every=2", "save_every=3", "val_every=3", "loader.augment=true"]
     common.append(f"finetune={finetune}")
     full = _run_train(tmp_path / "full", *common, "max_steps=6")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -216,7 +220,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, fine
     assert first.returncode == 0, first.stderr[-3000:]
     # Resuming with other settings (here the defaults' lr and scheduler) is refused before anything is touched.
     state = (tmp_path / "part" / "run" / "state" / "trainer.json").read_text()
-    other = _run_train(tmp_path / "part", "debug=smoke", "log_every=1", "max_steps=6", "resume=true")
+    other = _run_train(tmp_path / "part", "debug=smoke", "log_every=2", "max_steps=6", "resume=true")
     assert other.returncode != 0
     assert "scheduler._target_" in other.stderr and "python train.py debug=smoke scheduler=constant" in other.stderr
     # Under LoRA the resume state holds the trained weights only; the frozen base is rebuilt as the run began.
@@ -234,8 +238,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, fine
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 3" in resumed.stdout
     uninterrupted, continued = _losses(tmp_path / "full" / "run"), _losses(tmp_path / "part" / "run")
-    assert sorted(continued) == [1, 2, 3, 4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(continued) == [2, 3, 4, 6]  # logged at 2, 4, 6; validated at 3 and 6
+    for step in (4, 6):
         assert continued[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
     index = json.loads((tmp_path / "part" / "run" / "checkpoints" / "index.json").read_text())
     assert sorted(index["checkpoints"]) == ["step_000003", "step_000006"]
@@ -250,6 +254,17 @@ def test_resume_without_state_fails_before_training(tmp_path: Path) -> None:
     result = _run_train(tmp_path, "debug=smoke", "resume=true")
     assert result.returncode != 0
     assert "holds no training state" in result.stderr
+
+
+def test_a_new_run_in_a_runs_dir_is_refused_before_it_touches_it(tmp_path: Path) -> None:
+    """Forgetting resume=true (or two runs stamped the same second) must not overwrite a run's state and records."""
+    (tmp_path / "run" / "checkpoints" / "step_000003").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 3, "train/loss": 1.0}\n')
+    result = _run_train(tmp_path, "debug=smoke")
+    assert result.returncode != 0
+    assert f"{tmp_path}/run holds a run already" in result.stderr and "resume=true continues it" in result.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 3, "train/loss": 1.0}\n'
+    assert not (tmp_path / "run" / "state").exists()
 
 
 @pytest.mark.slow
@@ -434,3 +449,57 @@ def test_a_resumed_run_forgets_the_records_of_the_steps_it_trains_again(tmp_path
     logger.log(4, {"train/loss": 4.5})
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.5)]
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # killed mid-write
+        f.write('{"step": 5, "train/lo')
+    logger.forget_after(4)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[-1] == json.dumps({"step": 4, "train/loss": 4.5})
+
+
+def test_a_nan_gradient_stops_the_run_before_the_update(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from training.loop import _reset_accelerate_state, check_gradients
+
+    _reset_accelerate_state()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad, model.bias.grad = torch.full((2, 3), 4.0), torch.zeros(2)
+    check_gradients(accelerator, model, 1.0, 7, "ckpt")  # finite: clipped to norm 1
+    assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+    check_gradients(accelerator, model, 0.0, 7, "ckpt")  # 0: no clipping
+    assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+    model.weight.grad[0, 0] = math.nan
+    for max_norm in (1.0, 0.0):
+        with pytest.raises(FloatingPointError, match="gradient norm is nan at step 7; stopped before the update"):
+            check_gradients(accelerator, model, max_norm, 7, "ckpt")
+    _reset_accelerate_state()
+
+
+def test_retention_names_only_kept_checkpoints(tmp_path: Path) -> None:
+    from training.checkpoints import prune_checkpoints
+
+    for step, loss in ((1, 0.5), (2, 0.9), (3, 0.7)):
+        ckpt = tmp_path / "checkpoints" / f"step_{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "meta.json").write_text(json.dumps({"metrics": {"val/loss": loss}}))
+    index = prune_checkpoints(tmp_path, keep_last=1, keep_best=0, metric="val/loss")
+    assert sorted(index["checkpoints"]) == ["step_000003"]
+    assert index["best"] == index["latest"] == str(tmp_path / "checkpoints" / "step_000003")
+    (tmp_path / "checkpoints" / "step_000004").mkdir()  # a later save with a worse loss, keep_last=0
+    (tmp_path / "checkpoints" / "step_000004" / "meta.json").write_text(json.dumps({"metrics": {"val/loss": 0.8}}))
+    index = prune_checkpoints(tmp_path, keep_last=0, keep_best=1, metric="val/loss")
+    assert index["latest"] == index["best"] == str(tmp_path / "checkpoints" / "step_000003")
+
+
+def test_a_resume_on_changed_data_is_refused(tmp_path: Path) -> None:
+    from training.checkpoints import check_resume_statistics
+
+    saved = {"d": {"action": {"q01": [0.1, -1.0], "mask": [True, False]}, "num_transitions": 10}}
+    (tmp_path / "dataset_statistics.json").write_text(json.dumps(saved))
+    check_resume_statistics(tmp_path, json.loads(json.dumps(saved)))
+    check_resume_statistics(
+        tmp_path, {"d": {**saved["d"], "action": {"q01": [0.1 + 1e-12, -1.0], "mask": [True, False]}}}
+    )
+    changed = {"d": {**saved["d"], "action": {"q01": [0.2, -1.0], "mask": [True, False]}, "num_transitions": 11}}
+    with pytest.raises(ValueError, match=r"differ from those .* trained with .*: d\.action\.q01, d\.num_transitions"):
+        check_resume_statistics(tmp_path, changed)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from datasets.atomic import replace_dir, write_json_atomic
+from datasets.statistics import STATISTICS_FILE
 from models.policy import Policy
 
 STEP_PREFIX = "step_"
@@ -63,9 +64,10 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_best: int, metric: str
         if ckpt not in keep:
             shutil.rmtree(ckpt)
     kept = [c for c in checkpoints if c in keep]
+    best = next((c for c in by_metric if c in keep), None)  # with keep_best=0, the best of those kept
     index = {
         "metric": metric,
-        "best": str(by_metric[0]) if by_metric else None,
+        "best": str(best) if best else None,
         "latest": str(kept[-1]) if kept else None,
         "checkpoints": {c.name: _metric(c, metric) for c in kept},
     }
@@ -163,6 +165,31 @@ def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path, num_pro
         f"Start it as it was started: python train.py {overrides} resume=true hydra.run.dir={run_dir} "
         f"(only {', '.join(sorted(RESUMABLE_KEYS - {'resume'}))} may change on resume)"
     )
+
+
+def check_resume_statistics(run_dir: Path, statistics: dict) -> None:
+    """A resumed run normalizes as its first part did: ValueError naming the entries of the statistics computed now
+    that differ from the run's dataset_statistics.json (the data changed under the run)."""
+    path = run_dir / STATISTICS_FILE
+    if not path.is_file():
+        return
+    saved = _flatten(json.loads(path.read_text()))
+    now = _flatten(json.loads(json.dumps(statistics)))
+    differ = sorted(k for k in saved.keys() | now.keys() if not _same(saved.get(k), now.get(k)))
+    if differ:
+        raise ValueError(
+            f"resume=true, but the dataset's statistics differ from those {run_dir} trained with ({path}): "
+            f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}. The data changed under the run: "
+            "restore it, or start a new run"
+        )
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
 
 
 def read_trainer_state(run_dir: Path) -> dict:

@@ -46,7 +46,9 @@ from models.policy import Policy
 from serving.observation import check_observation_keys
 from training.checkpoints import (
     check_resume_settings,
+    check_resume_statistics,
     keep_trained_weights,
+    list_checkpoints,
     load_training_state,
     prune_checkpoints,
     read_trainer_state,
@@ -72,6 +74,20 @@ def cast_frozen_weights(model: Policy, cfg: DictConfig, accelerator: Accelerator
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return 0
     return model.cast_backbone(torch.bfloat16, frozen_only=True)
+
+
+def check_gradients(
+    accelerator: Accelerator, model: torch.nn.Module, max_grad_norm: float, step: int, checkpoint: object
+) -> None:
+    """Clip the gradients to max_grad_norm (0: none) and stop the run, before the update, when their norm is not
+    finite: one NaN gradient would make every weight NaN, and the next checkpoint and resume state with it. Under
+    fp16 the loss scaler skips such steps itself (and DeepSpeed clips on its own: no norm comes back)."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    if norm is None or accelerator.mixed_precision == "fp16" or torch.isfinite(torch.as_tensor(norm)):
+        return
+    raise FloatingPointError(
+        f"the gradient norm is {float(norm)} at step {step}; stopped before the update. Latest checkpoint: {checkpoint}"
+    )
 
 
 def check_import_hygiene() -> None:
@@ -106,6 +122,7 @@ class MetricsLogger:
                 tags=list(wandb_cfg.tags),
                 dir=str(path.parent),
                 config=OmegaConf.to_container(cfg, resolve=True),
+                reinit="finish_previous",  # a sweep's next job is a run of its own, even after a failed one
             )
 
     def forget_after(self, step: int) -> None:
@@ -113,7 +130,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.is_file():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if (_record_step(line) or math.inf) <= step]
         if len(kept) != len(lines):
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(kept))
@@ -127,9 +144,18 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+
+
+def _record_step(line: str) -> int | None:
+    """A metrics.jsonl record's step; None for a line a killed run left half-written (only the last can be)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return None
 
 
 def _loader_config(cfg: DictConfig, model: Policy) -> LoaderConfig:
@@ -264,6 +290,11 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     resumed = read_trainer_state(run_dir) if cfg.resume else None
     if resumed is not None:
         check_resume_settings(resumed, settings, run_dir, accelerator.num_processes)
+    elif (run_dir / "state").exists() or list_checkpoints(run_dir):
+        raise FileExistsError(
+            f"{run_dir} holds a run already (state/, checkpoints/): resume=true continues it; a new run needs "
+            "another hydra.run.dir (it would overwrite that run's state, metrics and checkpoints)"
+        )
     overrides = resumed.get("overrides") if resumed is not None else _command_line_overrides()
 
     # Fail fast, before any long step: data layout and sizes, then the model (base weights, HF_TOKEN), then statistics.
@@ -285,6 +316,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
         accelerator.print(f"mixture: {shares} of the training frames")
     check_unnormalized_ranges(statistics)
     check_input_sizes(model, sources, statistics)
+    if resumed is not None:
+        check_resume_statistics(run_dir, statistics)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
     counts = apply_finetune(model, cfg.finetune)
@@ -346,6 +379,13 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
         accelerator.print("validation is skipped under FSDP (sharded weights); evaluate the checkpoints instead")
         val_data = None
     keys = [s.key for s in sources]
+    metric = cfg.checkpoint.metric
+    if cfg.checkpoint.keep_best and metric.startswith("val/") and (val_data is None or cfg.save_every % cfg.val_every):
+        when = "validation is off" if val_data is None else f"validation runs every {cfg.val_every} steps"
+        accelerator.print(
+            f"checkpoint.keep_best={cfg.checkpoint.keep_best} ranks checkpoints by {metric}, but {when} and they are "
+            f"saved every {cfg.save_every}: only those saved at a validation step (and the last) carry it"
+        )
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
     logger.forget_after(step)  # a resumed run's records past its state: steps trained again from here
@@ -365,71 +405,81 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
         total=cfg.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
     started, frames = time.perf_counter(), 0
-    # Action (and auxiliary) losses of this optimizer step's micro-batches, then of the steps since the last log.
-    step_losses, logged_losses = [], []
-    step_aux, logged_aux = [], []
+    # Action (and auxiliary) losses of this optimizer step's micro-batches, then of the steps since the last log (a
+    # resumed run's are restored: its first logged mean is the uninterrupted run's).
+    step_losses, logged_losses = [], list(resumed.get("logged_losses", [])) if resumed is not None else []
+    step_aux, logged_aux = [], list(resumed.get("logged_aux", [])) if resumed is not None else []
     model.train()
-    while step < cfg.max_steps:
-        batch = next(train_data)
-        micro_batches += 1
-        with accelerator.accumulate(model):
-            loss, parts = model(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint}"
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        frames += len(batch["prompt"]) * world
-        # The action loss ("loss" of the parts; the total when a policy reports none): comparable across runs that
-        # weight auxiliary losses differently, and the returned metric when validation is off.
-        step_losses.append(torch.as_tensor(parts.get("loss", loss), device=loss.device).detach().float())
-        if "aux_loss" in parts:
-            step_aux.append(torch.as_tensor(parts["aux_loss"], device=loss.device).detach().float())
-        if not accelerator.sync_gradients:
-            continue
-        lr = scheduler.get_last_lr()[0]  # the rate this step trained at
-        scheduler.step()
-        step += 1
-        policy.on_optimizer_step()
-        # Means over the step's micro-batches and over every rank.
-        last_loss = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
-        logged_losses.append(last_loss)
-        if step_aux:
-            logged_aux.append(accelerator.gather(torch.stack(step_aux).mean()).mean().item())
-        step_losses, step_aux = [], []
-        throughput = frames / (time.perf_counter() - started)
-        progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", fps=f"{throughput:.0f}")
-        metrics = {"train/loss": last_loss, "train/lr": lr, "train/frames_per_s": throughput}
-        if step % cfg.log_every == 0:  # the losses' means since the last log
-            metrics["train/loss"] = sum(logged_losses) / len(logged_losses)
-            if logged_aux:
-                metrics["train/aux_loss"] = sum(logged_aux) / len(logged_aux)
-            logger.log(step, metrics)
-            logged_losses, logged_aux = [], []
-        at_end = step == cfg.max_steps
-        if val_data is not None and (step % cfg.val_every == 0 or at_end) and accelerator.is_main_process:
-            plot = run_dir / "validation" / f"step_{step:06d}.png"
-            metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
-            logger.log(step, metrics)
-            best = min(best, metrics.get("val/loss", best))
-        if step % cfg.save_every == 0 or at_end:
-            weights = accelerator.get_state_dict(model)  # a collective: gathers sharded weights (FSDP, DeepSpeed)
-            if accelerator.is_main_process:
-                ckpt_dir = run_dir / "checkpoints" / f"step_{step:06d}"
-                trained = trained_keys if trainable_only else False
-                checkpoint = save_checkpoint(
-                    ckpt_dir, policy, final_cfg, statistics, step, metrics, trained, state_dict=weights
-                )
-                prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, cfg.checkpoint.metric)
-            state = {"step": step, "micro_batches": micro_batches, "best": best, "checkpoint": str(checkpoint)}
-            state.update(settings=settings, overrides=overrides, num_processes=world)
-            save_training_state(accelerator, run_dir, state)
-    progress.close()
+    try:
+        while step < cfg.max_steps:
+            batch = next(train_data)
+            micro_batches += 1
+            with accelerator.accumulate(model):
+                loss, parts = model(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {step + 1}; stopped. Latest checkpoint: {checkpoint}"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    check_gradients(accelerator, model, cfg.max_grad_norm, step + 1, checkpoint)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            frames += len(batch["prompt"]) * world
+            # The action loss ("loss" of the parts; the total when a policy reports none): comparable across runs
+            # that weight auxiliary losses differently, and the returned metric when validation is off.
+            step_losses.append(torch.as_tensor(parts.get("loss", loss), device=loss.device).detach().float())
+            if "aux_loss" in parts:
+                step_aux.append(torch.as_tensor(parts["aux_loss"], device=loss.device).detach().float())
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step trained at
+            scheduler.step()
+            step += 1
+            policy.on_optimizer_step()
+            # Means over the step's micro-batches and over every rank.
+            last_loss = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+            logged_losses.append(last_loss)
+            if step_aux:
+                logged_aux.append(accelerator.gather(torch.stack(step_aux).mean()).mean().item())
+            step_losses, step_aux = [], []
+            throughput = frames / (time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", fps=f"{throughput:.0f}")
+            metrics = {"train/loss": last_loss, "train/lr": lr, "train/frames_per_s": throughput}
+            log_now = step % cfg.log_every == 0
+            if log_now:  # the losses' means since the last log
+                metrics["train/loss"] = sum(logged_losses) / len(logged_losses)
+                if logged_aux:
+                    metrics["train/aux_loss"] = sum(logged_aux) / len(logged_aux)
+                logged_losses, logged_aux = [], []
+            at_end = step == cfg.max_steps
+            validate_now = val_data is not None and (step % cfg.val_every == 0 or at_end)
+            if validate_now and accelerator.is_main_process:
+                plot = run_dir / "validation" / f"step_{step:06d}.png"
+                metrics.update(validate(policy, val_data, statistics, keys, cfg.val_batches, plot))
+                best = min(best, metrics.get("val/loss", best))
+            if log_now or validate_now:  # one record per step
+                logger.log(step, metrics)
+            if step % cfg.save_every == 0 or at_end:
+                weights = accelerator.get_state_dict(model)  # a collective: gathers sharded weights (FSDP, DeepSpeed)
+                if accelerator.is_main_process:
+                    ckpt_dir = run_dir / "checkpoints" / f"step_{step:06d}"
+                    trained = trained_keys if trainable_only else False
+                    save_checkpoint(ckpt_dir, policy, final_cfg, statistics, step, metrics, trained, state_dict=weights)
+                    index = prune_checkpoints(
+                        run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, cfg.checkpoint.metric
+                    )
+                    checkpoint = index["latest"]  # this one, unless keep_last=0 pruned it at once
+                state = {"step": step, "micro_batches": micro_batches, "best": best, "checkpoint": str(checkpoint)}
+                state.update(logged_losses=logged_losses, logged_aux=logged_aux)
+                state.update(settings=settings, overrides=overrides, num_processes=world)
+                save_training_state(accelerator, run_dir, state)
+    except BaseException:
+        logger.close(failed=True)
+        raise
+    finally:
+        progress.close()
     logger.close()
     # Validation ran on rank 0: every rank returns its figure (a sweeper in each process sees the same objective).
     shared = [best if math.isfinite(best) else last_loss]
