@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why host:port cannot be served (another server holds it), or None: checked before a model is built."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror if error.errno == errno.EADDRINUSE else None
+    return None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="serve")
@@ -21,6 +35,8 @@ def main(cfg: DictConfig) -> None:
     robot = cfg.get("robot") or ckpt_cfg.get("robot")
     if robot is None:
         raise SystemExit(f"serve.py: {cfg.ckpt}/config.yaml has no robot config; pass robot=<name>")
+    if cfg.port and (why := port_in_use(cfg.host, cfg.port)):
+        raise SystemExit(f"serve.py: {cfg.host}:{cfg.port}: {why.lower()} (another server?); pass port=<another>")
 
     try:
         policy = load_policy(

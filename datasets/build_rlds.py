@@ -42,6 +42,7 @@ from datasets.crop import resize_square
 EPISODE_KEYS = ("image", "state", "action", "language_instruction")
 OPTIONAL_KEYS = ("wrist_image", "object_pos", "reward", "terminal")
 DEFAULT_IMAGE_SIZE = 256  # px: the largest side frames are stored at unless --image-size says otherwise (LIBERO's)
+DEFAULT_SHARDS = 4  # tfrecord files a dataset is written in (fewer for fewer episodes)
 
 
 def _resize(images: np.ndarray, size: int, key: str = "image", source: str = "an episode") -> np.ndarray:
@@ -81,6 +82,8 @@ def read_episode_file(path: Path) -> dict:
 
 
 def episode_files(source: Path) -> list[Path]:
+    if source.is_file():
+        raise NotADirectoryError(f"{source} is a file; --source takes the folder of episode files ({source.parent})")
     if not source.is_dir():
         raise FileNotFoundError(f"episode folder {source} does not exist")
     files = sorted(p for p in source.iterdir() if p.suffix in (".npz", ".h5", ".hdf5"))
@@ -166,6 +169,11 @@ def stored_size(images: np.ndarray) -> int:
 
 
 def build(episodes: Iterator[dict], total: int | None, args: argparse.Namespace) -> Path:
+    shards = args.shards or (min(DEFAULT_SHARDS, total) if total else DEFAULT_SHARDS)
+    if total is not None and shards > total:  # refused now, not after every episode was converted
+        raise ValueError(
+            f"--shards {shards} for {total} episode(s): each shard holds at least one; pass --shards {total}"
+        )
     episodes = iter(episodes)
     first = next(episodes, None)
     if first is None:
@@ -174,12 +182,19 @@ def build(episodes: Iterator[dict], total: int | None, args: argparse.Namespace)
     image_size = args.image_size or stored_size(first["image"])
     wrist = (args.wrist_image_size or stored_size(first["wrist_image"])) if has_wrist else 0
     objects = first.get("object_pos")
+
+    def width(key: str, values: object) -> int:
+        if np.ndim(values) != 2:
+            where = first.get("file_path", "the first episode")
+            raise ValueError(f"{where}: {key} has shape {list(np.shape(values))}, expected [T, N] (one row per step)")
+        return np.shape(values)[1]
+
     schema = EpisodeSchema(
         image_size=image_size,
         wrist_image_size=wrist,
-        state_dim=np.shape(first["state"])[1],
-        action_dim=np.shape(first["action"])[1],
-        object_dim=np.shape(objects)[1] if objects is not None else 0,
+        state_dim=width("state", first["state"]),
+        action_dim=width("action", first["action"]),
+        object_dim=width("object_pos", objects) if objects is not None else 0,
     )
 
     def prepared() -> Iterator[dict]:
@@ -194,7 +209,7 @@ def build(episodes: Iterator[dict], total: int | None, args: argparse.Namespace)
             yield episode
 
     template = SPLIT_FIRST_TEMPLATE if args.split_first_names else None
-    return write_rlds(prepared(), args.out, args.name, schema, args.shards, args.version, file_template=template)
+    return write_rlds(prepared(), args.out, args.name, schema, shards, args.version, file_template=template)
 
 
 def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
@@ -216,7 +231,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, required=True, help="root dir; the dataset goes to <out>/<name>/<version>")
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", default="1.0.0")
-    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help=f"tfrecord files (default: {DEFAULT_SHARDS}, or one per episode if fewer)",
+    )
     parser.add_argument(
         "--image-size",
         type=int,

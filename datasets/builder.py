@@ -63,8 +63,12 @@ def _features(schema: EpisodeSchema) -> tfds.features.FeaturesDict:
 
 
 def check_frames(images: np.ndarray, key: str, source: str) -> None:
-    """Camera frames must be uint8 0-255: a float [0, 1] image cast to uint8 would be stored black."""
+    """Camera frames must be uint8 [T, H, W, 3] in 0-255: a float [0, 1] image cast to uint8 would be stored black,
+    and a channels-first one resized into nonsense."""
     values = np.asarray(images)
+    if values.ndim != 4 or values.shape[-1] != 3:
+        hint = "; channels first? np.moveaxis(images, 1, -1)" if values.ndim == 4 and values.shape[1] == 3 else ""
+        raise ValueError(f"{source}: {key} has shape {list(values.shape)}, expected uint8 [T, H, W, 3]{hint}")
     if values.dtype != np.uint8:
         found = f" in [{values.min():g}, {values.max():g}]" if values.size and values.dtype.kind in "fiu" else ""
         raise ValueError(

@@ -65,7 +65,13 @@ class RLDSSource:
         """<data_dir>/<name>/<version>; the newest version when none is set."""
         root = Path(self.data_dir).expanduser() / self.name
         if not root.is_dir():
-            raise FileNotFoundError(f"RLDS dataset {self.name!r} not found: {root} does not exist")
+            hint = ""
+            if root.parent.name == "modified_libero_rlds":  # OpenVLA's LIBERO release (README: Data)
+                hint = (
+                    "; download OpenVLA's LIBERO release: hf download openvla/modified_libero_rlds "
+                    f"--repo-type dataset --local-dir {root.parent}"
+                )
+            raise FileNotFoundError(f"RLDS dataset {self.name!r} not found: {root} does not exist{hint}")
         if self.version:
             path = root / self.version
         else:
@@ -97,6 +103,8 @@ class LoaderConfig:
     frame_shuffle_buffer: int = 4_000
     augment: bool = True
     use_wrist_image: bool = False
+    use_state: bool = True  # frames carry the source's state (state_key) / aux target (aux_key): false for a model
+    use_aux: bool = True  #   that reads none (train.py follows model.proprio_dim / aux_dim), so mixed sizes may mix
     image_roi: Sequence[float] | None = None  # [top, left, height, width] fractions of the external camera's image
     num_parallel_calls: int = -1
     seed: int = 0
@@ -507,21 +515,28 @@ def _optional_inputs(source: RLDSSource, stats: dict, cfg: LoaderConfig) -> list
     """The optional frame keys a source's frames carry (as `_frames` makes them)."""
     carried = {
         "wrist_image": bool(cfg.use_wrist_image and source.wrist_image_key),
-        "state": bool(source.state_key and "proprio" in stats),
-        "aux": bool(source.aux_key),
+        "state": bool(cfg.use_state and source.state_key and "proprio" in stats),
+        "aux": bool(cfg.use_aux and source.aux_key),
     }
     return [key for key, present in carried.items() if present]
 
 
 def _check_same_inputs(sources: list[RLDSSource], statistics: dict, cfg: LoaderConfig) -> None:
-    """Mixed sources must carry the same optional inputs: a batch cannot hold a state for some frames only."""
-    carried = [(source.key, _optional_inputs(source, statistics[source.key], cfg)) for source in sources]
-    if len({tuple(keys) for _, keys in carried}) > 1:
-        listing = "; ".join(f"{name}: {keys or 'none'}" for name, keys in carried)
+    """Mixed sources must carry the same optional inputs, of the same sizes: a batch cannot hold a state for some
+    frames only, nor states of 5 and 8 values."""
+
+    def described(source: RLDSSource) -> tuple[str, ...]:
+        stats = statistics[source.key]
+        sizes = {"state": len(stats.get("proprio", {}).get("q01", [])), "aux": len(stats.get("aux", {}).get("q01", []))}
+        return tuple(f"{key}[{sizes[key]}]" if key in sizes else key for key in _optional_inputs(source, stats, cfg))
+
+    carried = [(source.key, described(source)) for source in sources]
+    if len({keys for _, keys in carried}) > 1:
+        listing = "; ".join(f"{name}: {', '.join(keys) or 'none'}" for name, keys in carried)
         raise ValueError(
             f"the dataset's sources carry different optional inputs ({listing}); expected the same for every source: "
-            "set state_key / aux_key / wrist_image_key on all of them or on none (state also needs 'proprio' "
-            "statistics)"
+            "set state_key / aux_key / wrist_image_key on all of them or on none, of one size (state also needs "
+            "'proprio' statistics); a model that reads no state (model.proprio_dim null) ignores state_key"
         )
 
 

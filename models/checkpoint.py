@@ -108,12 +108,18 @@ def save_checkpoint(
 
 def load_config(ckpt_dir: str | Path) -> DictConfig:
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file():
+        raise FileNotFoundError(
+            f"{ckpt_dir} is a file; ckpt= takes the checkpoint dir that holds it ({ckpt_dir.parent})"
+        )
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint dir {ckpt_dir} does not exist")
     for name in ("config.yaml", "model.safetensors", STATISTICS_FILE):
         if not (ckpt_dir / name).is_file():
             saved = sorted(p.name for p in (ckpt_dir / "checkpoints").glob("step_*"))
             hint = f"; it is a training run: pass one of its checkpoints/{saved[-3:]}" if saved else ""
+            if not saved and (steps := sorted(p.name for p in ckpt_dir.glob("step_*"))):
+                hint = f"; it holds checkpoints: pass one of {steps[-3:]}"
             raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint dir: {name} is missing{hint}")
     return OmegaConf.load(ckpt_dir / "config.yaml")
 

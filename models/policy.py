@@ -127,7 +127,7 @@ class Policy(nn.Module):
     ) -> torch.Tensor:
         """images uint8 [B, S, S, 3]; states normalized proprio [B, S] or None; wrist_images uint8 [B, S, S, 3], given
         to a policy that reads them (reads_wrist_image) only. Returns normalized chunks [B, T, A]."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement predict_normalized (models/policy.py)")
 
     @torch.no_grad()
     def predict_action_batch(self, observations: list[Observation]) -> np.ndarray:

@@ -59,6 +59,14 @@ def test_episode_folder_becomes_rlds(tmp_path, suffix: str) -> None:
     stats = compute_statistics(RLDSSource(name="mine", data_dir=str(tmp_path / "rlds")), 7)
     assert stats["num_trajectories"] == 3 and stats["num_transitions"] == 5 + 6 + 7
     np.testing.assert_allclose(stats["action"]["max"], np.concatenate(actions).max(0), rtol=1e-6)
+    # Fewer episodes than the default 4 shards: one shard each; more shards than episodes: refused before converting.
+    few = ["episodes", "--source", str(tmp_path / "episodes"), "--out", str(tmp_path / "few"), "--name", "mine"]
+    assert len(list(build_rlds(few).glob("*.tfrecord*"))) == 3
+    with pytest.raises(
+        ValueError, match=r"--shards 5 for 3 episode\(s\): each shard holds at least one; pass --shards 3"
+    ):
+        build_rlds([*few[:4], str(tmp_path / "none"), *few[5:], "--shards", "5"])
+    assert not (tmp_path / "none").exists()
 
 
 def test_float_images_are_refused_not_stored_black_and_other_h5_content_is_left_unread(tmp_path) -> None:
@@ -224,3 +232,20 @@ def test_object_positions_leave_out_the_scene_and_refuse_too_many_objects() -> N
     assert single.shape == (3, 3 * OBJECT_SLOTS) and (single[:, 3:] == 0).all()
     with pytest.raises(ValueError, match=r"more than OBJECT_SLOTS=2"):
         object_positions({name: np.zeros((2, 13)) for name in ("a", "b", "c")})
+
+
+def test_misshapen_episodes_and_a_file_as_source_are_named(tmp_path) -> None:
+    folder = tmp_path / "episodes"
+    _write_episodes(folder, 2)
+    out = ["--out", str(tmp_path / "rlds"), "--name", "mine", "--shards", "1"]
+    with pytest.raises(NotADirectoryError, match=r"ep0\.npz is a file; --source takes the folder of episode files"):
+        build_rlds(["episodes", "--source", str(folder / "ep0.npz"), *out])
+    with np.load(folder / "ep0.npz") as f:
+        episode = dict(f)
+    np.savez(folder / "ep0.npz", **{**episode, "action": episode["action"][:, 0]})  # one value per step
+    with pytest.raises(ValueError, match=r"ep0\.npz: action has shape \[5\], expected \[T, N\]"):
+        build_rlds(["episodes", "--source", str(folder), *out])
+    channels_first = np.moveaxis(episode["image"], -1, 1)  # [T, 3, H, W]
+    np.savez(folder / "ep0.npz", **{**episode, "image": channels_first})
+    with pytest.raises(ValueError, match=r"image has shape \[5, 3, 40, 40\], expected uint8 \[T, H, W, 3\]; channels"):
+        build_rlds(["episodes", "--source", str(folder), *out, "--image-size", "32"])

@@ -171,6 +171,11 @@ def test_checkpoint_round_trip_gives_identical_actions(tiny, tmp_path) -> None:
     metadata = load_policy(augmented).metadata()
     assert metadata["center_crop"] is True  # trained on random crops: served the central one
     assert metadata["image_roi"] == [0.25, 0.0, 0.5, 1.0]  # and the region of interest it was trained on
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is a file; ckpt= takes the checkpoint dir"):
+        load_policy(ckpt / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"it holds checkpoints: pass one of \['step_000003'\]"):
+        (tmp_path / "steps" / "step_000003").mkdir(parents=True)
+        load_policy(tmp_path / "steps")
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         (ckpt / "model.safetensors").unlink()
         load_policy(ckpt)

@@ -267,7 +267,19 @@ def test_video_frames_are_picked_by_their_timestamps(tmp_path) -> None:
         decode_video(video, 2.0, 5, FPS)
 
 
-def test_a_local_path_that_is_not_there_is_not_taken_for_a_hub_id(tmp_path) -> None:
+def test_a_local_path_that_is_not_there_is_not_taken_for_a_hub_id(tmp_path, monkeypatch) -> None:
     for name in (str(tmp_path / "missing"), "./data/typo", "~/nowhere"):
         with pytest.raises(FileNotFoundError, match="no such local LeRobot dataset"):
             local_or_hub(name, repo_type="dataset", what="LeRobot dataset")
+    # An owner/name-shaped typo is tried on the Hub; offline that fails with the local reading named too.
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        FileNotFoundError, match=r"lerobot_dss/v21: no such local LeRobot dataset \(from .*could not be"
+    ):
+        local_or_hub("lerobot_dss/v21", repo_type="dataset", what="LeRobot dataset")

@@ -415,3 +415,18 @@ def test_train_pipeline_is_deterministic_and_skips_exactly(sample_rlds) -> None:
     for a, b in zip(first[2:], resumed, strict=True):
         assert (a["image"] == b["image"]).all() and (a["action"] == b["action"]).all()
     assert not (first[0]["image"] == first[1]["image"]).all()
+
+
+def test_sources_of_other_state_sizes_mix_for_a_model_that_reads_no_state(sample_rlds) -> None:
+    """Frames carry only the inputs the model reads (train.py: use_state follows model.proprio_dim): two robots with
+    5- and 8-value states mix; a model that reads the state is told the sizes differ, before any frame is read."""
+    eight = RLDSSource(name="sample", data_dir=str(sample_rlds), unnorm_key="eight")
+    five = RLDSSource(name="sample", data_dir=str(sample_rlds), unnorm_key="five")
+    entry = compute_statistics(eight, 7, None)
+    proprio = {k: v[:5] if isinstance(v, list) else v for k, v in entry["proprio"].items()}
+    stats = {"eight": entry, "five": {**entry, "proprio": proprio}}
+    common = dict(image_size=16, window=2, batch_size=4, val_fraction=0.0, augment=False)
+    with pytest.raises(ValueError, match=r"eight: state\[8\]; five: state\[5\]"):
+        make_frame_dataset([eight, five], stats, LoaderConfig(**common))
+    batch = next(iterate_torch(make_frame_dataset([eight, five], stats, LoaderConfig(**common, use_state=False))))
+    assert "state" not in batch and batch["action"].shape == (4, 2, 7)

@@ -455,6 +455,17 @@ def test_run_server_shuts_down_cleanly_on_signal(sig: signal.Signals) -> None:
         proc.communicate()
 
 
+def test_a_port_another_server_holds_is_named_before_a_model_is_built() -> None:
+    from serve import port_in_use
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert "in use" in port_in_use("127.0.0.1", port).lower()
+    assert port_in_use("127.0.0.1", port) is None
+
+
 @pytest.mark.parametrize(
     ("ckpt", "fragment"),
     [

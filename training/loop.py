@@ -130,7 +130,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.is_file():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if (_record_step(line) or math.inf) <= step]
+        kept = [line for line in lines if (record := _record_step(line)) is not None and record <= step]
         if len(kept) != len(lines):
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(kept))
@@ -165,6 +165,8 @@ def _loader_config(cfg: DictConfig, model: Policy) -> LoaderConfig:
         action_dim=cfg.robot.action_dim,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        use_state=bool(model.proprio_dim),  # only what the model reads: then sources of other state sizes mix
+        use_aux=bool(getattr(model, "aux_dim", None)),
         **OmegaConf.to_container(cfg.loader, resolve=True),
     )
 
@@ -302,6 +304,12 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
         sources = sources_from_config(cfg.dataset)
     builders = {source.name: open_builder(source, cfg.robot.action_dim) for source in sources}
     model: Policy = instantiate(cfg.model)
+    if type(model).predict_normalized is Policy.predict_normalized:
+        raise TypeError(
+            f"{type(model).__name__} does not implement predict_normalized(images, prompts, states, generator, "
+            "wrist_images) -> normalized chunks [B, T, A]: validation samples with it, and Policy's "
+            "predict_action_batch un-normalizes what it returns (see models/policy.py)"
+        )
     if model.action_dim != cfg.robot.action_dim:
         raise ValueError(f"model.action_dim={model.action_dim} but robot.action_dim={cfg.robot.action_dim}")
     check_observation_keys(cfg.robot.get("observation_keys") or {}, model)  # it can be served what it reads
