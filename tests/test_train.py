@@ -151,6 +151,27 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_behaviour(tmp
         check_resume_settings({"settings": old}, {**now, "finetune.lora.projector": True}, tmp_path)
 
 
+def test_a_resumed_run_may_find_its_data_in_another_dir(tmp_path: Path) -> None:
+    """Settings under paths.data_dir / cache_dir are stored by those names: a run resumed with its data moved (to a
+    node's local disk) trains on; a run saved with the absolute paths resumes while its data lies where it lay."""
+    from hydra import compose, initialize_config_dir
+
+    from training.checkpoints import check_resume_settings, movable_paths, run_settings
+
+    def settings(data_dir: str) -> tuple[dict, dict]:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=["dataset=custom_rlds", f"paths.data_dir={data_dir}"])
+        return run_settings(cfg), movable_paths(cfg)
+
+    (shared, _), (moved, paths) = settings("/shared/data"), settings("/scratch/data")
+    assert shared["dataset.sources"][0]["data_dir"] == "<paths.data_dir>/rlds"
+    check_resume_settings({"settings": shared}, moved, tmp_path, paths=paths)
+    absolute = {**shared, "dataset.sources": [{**shared["dataset.sources"][0], "data_dir": "/shared/data/rlds"}]}
+    check_resume_settings({"settings": absolute}, shared, tmp_path, paths=settings("/shared/data")[1])
+    with pytest.raises(ValueError, match=r"dataset.sources: the run has"):
+        check_resume_settings({"settings": absolute}, moved, tmp_path, paths=paths)
+
+
 def test_precision_follows_the_launcher_unless_set_and_a_conflicting_accumulation_is_refused(monkeypatch) -> None:
     from training.loop import _accelerator, _reset_accelerate_state
 

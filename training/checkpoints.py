@@ -38,6 +38,8 @@ RESUMABLE_KEYS = frozenset(
         "paths",
     }
 )
+# The path settings (under `paths`) whose values a resumed run may change: where the data and the cache lie.
+MOVABLE_PATHS = ("data_dir", "cache_dir")
 # Nested settings only evaluation reads (eval_maniskill.py's action mapping): they may change on resume too.
 EVAL_ONLY_PREFIXES = ("robot.action_scale.",)
 # Settings added after runs were saved without them, with the value that gives the behaviour those runs trained with.
@@ -85,7 +87,8 @@ def _unprefixed(key: str) -> str:
 def keep_trained_weights(accelerator: Accelerator, policy: Policy, trained: set[str]) -> None:
     """Have the resume state hold only the weights that train (Policy.trained_state_keys): under LoRA on a 7B model
     that is a few hundred MB instead of the whole frozen base (about 30 GB in float32) at every save. The frozen
-    rest is rebuilt from the base, as at the start of the run. FSDP and DeepSpeed save their own shards, untouched.
+    rest is rebuilt from the base, as at the start of the run. FSDP and DeepSpeed states are left as accelerate saves
+    them (launch/fsdp.yaml's FULL_STATE_DICT gathers the whole model and optimizer on rank 0: host RAM to match).
     `trained`: Policy.trained_state_keys(), taken before accelerate wrapped the model."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return
@@ -129,13 +132,38 @@ def run_settings(cfg: DictConfig) -> dict:
         node = cfg[key]
         tree[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     settings = json.loads(json.dumps(_flatten(tree)))  # as trainer.json stores them (tuples become lists)
-    return {k: v for k, v in settings.items() if not k.startswith(EVAL_ONLY_PREFIXES)}
+    paths = movable_paths(cfg)
+    return {k: _unpathed(v, paths) for k, v in settings.items() if not k.startswith(EVAL_ONLY_PREFIXES)}
 
 
-def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path, num_processes: int = 1) -> None:
+def movable_paths(cfg: DictConfig) -> dict[str, str]:
+    """{"<paths.data_dir>": its value now, ...}: the dirs a run's data and cache may move between on resume (to a
+    node's local disk, another cwd). Settings name what lies under them by these names; the statistics check
+    (check_resume_statistics) guards the data itself."""
+    values = {key: OmegaConf.select(cfg, f"paths.{key}", throw_on_resolution_failure=False) for key in MOVABLE_PATHS}
+    return {f"<paths.{key}>": str(value) for key, value in values.items() if value is not None}
+
+
+def _unpathed(value: object, paths: dict[str, str]) -> object:
+    if isinstance(value, str):
+        for name, path in sorted(paths.items(), key=lambda item: -len(item[1])):  # data/cache before data
+            if value == path or value.startswith(path.rstrip("/") + "/"):
+                return name + value[len(path.rstrip("/")) :]
+        return value
+    if isinstance(value, list):
+        return [_unpathed(item, paths) for item in value]
+    if isinstance(value, dict):
+        return {key: _unpathed(item, paths) for key, item in value.items()}
+    return value
+
+
+def check_resume_settings(
+    trainer_state: dict, now: dict, run_dir: Path, num_processes: int = 1, paths: dict[str, str] | None = None
+) -> None:
     """A resumed run trains with the settings its first part did (`now`: this command's run_settings; a different
     batch size would also shift the data position), on as many processes: ValueError naming every setting that
-    differs, with the command line the run was started with."""
+    differs, with the command line the run was started with. paths: movable_paths of this command, to read the
+    settings of runs saved before they were stored by path name (their data must lie where it lay)."""
     processes = trainer_state.get("num_processes", num_processes)
     if processes != num_processes:
         raise ValueError(
@@ -145,7 +173,7 @@ def check_resume_settings(trainer_state: dict, now: dict, run_dir: Path, num_pro
     saved = trainer_state.get("settings")
     if saved is None:  # a state saved before the settings were recorded
         return
-    saved = {k: v for k, v in saved.items() if not k.startswith(EVAL_ONLY_PREFIXES)}  # stored by older runs
+    saved = {k: _unpathed(v, paths or {}) for k, v in saved.items() if not k.startswith(EVAL_ONLY_PREFIXES)}
 
     def value(settings: dict, key: str) -> object:
         return settings.get(key, ADDED_SETTINGS.get(key, "<unset>"))

@@ -50,6 +50,7 @@ from training.checkpoints import (
     keep_trained_weights,
     list_checkpoints,
     load_training_state,
+    movable_paths,
     prune_checkpoints,
     read_trainer_state,
     run_settings,
@@ -291,7 +292,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     settings = run_settings(cfg)
     resumed = read_trainer_state(run_dir) if cfg.resume else None
     if resumed is not None:
-        check_resume_settings(resumed, settings, run_dir, accelerator.num_processes)
+        check_resume_settings(resumed, settings, run_dir, accelerator.num_processes, movable_paths(cfg))
     elif (run_dir / "state").exists() or list_checkpoints(run_dir):
         raise FileExistsError(
             f"{run_dir} holds a run already (state/, checkpoints/): resume=true continues it; a new run needs "
