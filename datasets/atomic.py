@@ -13,7 +13,14 @@ from pathlib import Path
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    """The process's umask, read without setting it (os.umask would change it for other threads meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): set and restore
     os.umask(mask)
     return mask
 

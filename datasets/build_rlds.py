@@ -281,7 +281,10 @@ def main(argv: list[str] | None = None) -> Path:
             for source in args.source
             for e in maniskill_episodes(source, args.camera, args.instruction, args.wrist_camera)
         )
-        path = build(episodes, None, args)
+        metadata = [source.with_suffix(".json") for source in args.source]  # each lists its episodes
+        known = all(meta.is_file() for meta in metadata)
+        total = sum(len(json.loads(meta.read_text()).get("episodes", [])) for meta in metadata) if known else None
+        path = build(episodes, total, args)
     print(f"dataset: {path}")
     return path
 

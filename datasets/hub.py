@@ -22,8 +22,8 @@ def local_or_hub(name: str, repo_type: str = "model", what: str = "run dir") -> 
         raise PermissionError(f"{name} is gated: request access on the Hub and export HF_TOKEN=<your token>") from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"{name!r} is neither a local {what} nor a Hub {repo_type} repo you can read") from e
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:  # offline, or the Hub unreachable
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:  # offline, or the Hub unreachable
         raise FileNotFoundError(
             f"{name}: no such local {what} (from {Path.cwd()}), and as a Hub {repo_type} repo id it could not be "
-            f"fetched ({type(e).__name__}: the Hub unreachable and nothing cached)"
+            f"fetched: {type(e).__name__}: {e}"
         ) from e

@@ -31,10 +31,15 @@ def vision_lora_targets(state_keys: list[str]) -> str | list[str]:
     return LEGACY_VISION_LORA_TARGETS if legacy else VISION_LORA_TARGETS
 
 
-def apply_finetune(model: nn.Module, finetune: DictConfig) -> dict[str, int]:
-    """apply_finetune_mode with the `finetune` config group as composed (its mode and lora settings)."""
-    lora = finetune.get("lora")
-    return apply_finetune_mode(model, finetune.mode, OmegaConf.to_container(lora) if lora is not None else None)
+def apply_finetune(
+    model: nn.Module, finetune: DictConfig, vision_targets: str | list[str] | None = None
+) -> dict[str, int]:
+    """apply_finetune_mode with the `finetune` config group as composed (its mode and lora settings). vision_targets:
+    the ViT modules to adapt when the config names none (a resumed run's, see vision_lora_targets)."""
+    lora = OmegaConf.to_container(finetune.lora) if finetune.get("lora") is not None else None
+    if lora is not None and vision_targets is not None:
+        lora.setdefault("vision_targets", vision_targets)
+    return apply_finetune_mode(model, finetune.mode, lora)
 
 
 def apply_finetune_mode(model: nn.Module, mode: str, lora: dict | None = None) -> dict[str, int]:

@@ -188,10 +188,9 @@ def test_maniskill_wrist_camera_becomes_the_wrist_image(tmp_path) -> None:
         str(tmp_path / "rlds"),
         "--name",
         "pick",
-        "--shards",
-        "1",
     ]
-    build_rlds([*args, "--wrist-camera", "hand_camera"])
+    path = build_rlds([*args, "--wrist-camera", "hand_camera"])  # 2 episodes: 2 shards, not the default 4
+    assert len(list(path.glob("*.tfrecord*"))) == 2
     source = RLDSSource(name="pick", data_dir=str(tmp_path / "rlds"), wrist_image_key="observation/wrist_image")
     stats = compute_statistics(source, 7)
     cfg = LoaderConfig(image_size=16, window=1, batch_size=7, val_fraction=0.5, augment=False, use_wrist_image=True)

@@ -280,6 +280,7 @@ def test_a_local_path_that_is_not_there_is_not_taken_for_a_hub_id(tmp_path, monk
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(
-        FileNotFoundError, match=r"lerobot_dss/v21: no such local LeRobot dataset \(from .*could not be"
+        FileNotFoundError,
+        match=r"lerobot_dss/v21: no such local LeRobot dataset \(from .*fetched: LocalEntryNotFoundError",
     ):
         local_or_hub("lerobot_dss/v21", repo_type="dataset", what="LeRobot dataset")

@@ -197,7 +197,7 @@ def test_mixture_samples_every_source_by_weight(sample_rlds) -> None:
     assert 0.6 < (index == 1).mean() < 0.9
     with_aux = RLDSSource(name="sample", data_dir=str(sample_rlds), aux_key="observation/object_pos")
     mixed = {"sample": compute_statistics(with_aux, 7, None), "sample_b": stats}
-    with pytest.raises(ValueError, match=r"sample: \['state', 'aux'\]; sample_b: \['state'\]\); expected the same"):
+    with pytest.raises(ValueError, match=r"sample: state\[8\], aux\[2\]; sample_b: state\[8\]\); expected the same"):
         make_frame_dataset([with_aux, b], mixed, cfg)
 
 

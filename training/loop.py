@@ -55,6 +55,7 @@ from training.checkpoints import (
     read_trainer_state,
     run_settings,
     save_training_state,
+    saved_vision_targets,
 )
 from training.validation import validate
 
@@ -65,16 +66,19 @@ def _fsdp_version(accelerator: Accelerator) -> int | None:
     return accelerator.state.fsdp_plugin.fsdp_version
 
 
+def casts_frozen(cfg: DictConfig, accelerator: Accelerator) -> bool:
+    """Whether this run stores its frozen backbone weights in bf16: cast_frozen under mixed_precision=bf16, but not
+    under FSDP or DeepSpeed, which flatten a block's weights into one tensor of one dtype (and DeepSpeed's bf16 casts
+    the whole model itself). The run's settings record this, not cast_frozen itself: it changes nothing elsewhere."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return bool(cfg.get("cast_frozen", False)) and accelerator.mixed_precision == "bf16" and not sharded
+
+
 def cast_frozen_weights(model: Policy, cfg: DictConfig, accelerator: Accelerator) -> int:
-    """With mixed_precision=bf16 and cast_frozen, store the frozen backbone weights in bf16: half their memory (a
-    LoRA run's 7B base: 15 GB, not 30), and autocast computes with them in bf16 anyway; OpenVLA loads its LoRA base
-    so. Not under FSDP or DeepSpeed, which flatten a block's weights into one tensor of one dtype (and DeepSpeed's
-    bf16 casts the whole model itself). Returns the number of weights cast."""
-    if not cfg.get("cast_frozen", False) or accelerator.mixed_precision != "bf16":
-        return 0
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return 0
-    return model.cast_backbone(torch.bfloat16, frozen_only=True)
+    """Store the frozen backbone weights in bf16 when the run does (casts_frozen): half their memory (a LoRA run's 7B
+    base: 15 GB, not 30), as OpenVLA loads its LoRA base. Norms and embeddings then also compute from bf16 weights
+    (autocast's matmuls did already). Returns the number of weights cast."""
+    return model.cast_backbone(torch.bfloat16, frozen_only=True) if casts_frozen(cfg, accelerator) else 0
 
 
 def check_gradients(
@@ -82,7 +86,10 @@ def check_gradients(
 ) -> None:
     """Clip the gradients to max_grad_norm (0: none) and stop the run, before the update, when their norm is not
     finite: one NaN gradient would make every weight NaN, and the next checkpoint and resume state with it. Under
-    fp16 the loss scaler skips such steps itself (and DeepSpeed clips on its own: no norm comes back)."""
+    fp16 the loss scaler skips such steps itself. DeepSpeed's engine clips by its own config and has already stepped
+    in backward(): nothing is checked there."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if norm is None or accelerator.mixed_precision == "fp16" or torch.isfinite(torch.as_tensor(norm)):
         return
@@ -289,7 +296,7 @@ def train(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     set_seed(cfg.seed, device_specific=True)
     run_dir = Path(cfg.paths.output_dir)
-    settings = run_settings(cfg)
+    settings = {**run_settings(cfg), "cast_frozen": casts_frozen(cfg, accelerator)}
     resumed = read_trainer_state(run_dir) if cfg.resume else None
     if resumed is not None:
         check_resume_settings(resumed, settings, run_dir, accelerator.num_processes, movable_paths(cfg))
@@ -329,7 +336,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
         check_resume_statistics(run_dir, statistics)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
-    counts = apply_finetune(model, cfg.finetune)
+    # A resumed LoRA run's adapters sit where its saved state has them (older runs adapted other ViT modules).
+    counts = apply_finetune(model, cfg.finetune, saved_vision_targets(run_dir) if resumed is not None else None)
     in_bf16 = cast_frozen_weights(model, cfg, accelerator)
     # Which statistics the checkpoint un-normalizes with: the one key, or the one named. With several and none named
     # the checkpoint names none, and serving it asks for unnorm_key= (as CogACT and OpenVLA do).
@@ -389,12 +397,18 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
         val_data = None
     keys = [s.key for s in sources]
     metric = cfg.checkpoint.metric
-    if cfg.checkpoint.keep_best and metric.startswith("val/") and (val_data is None or cfg.save_every % cfg.val_every):
-        when = "validation is off" if val_data is None else f"validation runs every {cfg.val_every} steps"
-        accelerator.print(
-            f"checkpoint.keep_best={cfg.checkpoint.keep_best} ranks checkpoints by {metric}, but {when} and they are "
-            f"saved every {cfg.save_every}: only those saved at a validation step (and the last) carry it"
-        )
+    if cfg.checkpoint.keep_best and metric.startswith("val/"):
+        if val_data is None:
+            accelerator.print(
+                f"checkpoint.keep_best={cfg.checkpoint.keep_best} ranks checkpoints by {metric}, but validation is "
+                "off: no checkpoint carries it, so only checkpoint.keep_last applies"
+            )
+        elif cfg.save_every % cfg.val_every:
+            accelerator.print(
+                f"checkpoint.keep_best={cfg.checkpoint.keep_best} ranks checkpoints by {metric}, but validation runs "
+                f"every {cfg.val_every} steps and checkpoints are saved every {cfg.save_every}: only those saved at a "
+                "validation step (and the last) carry it"
+            )
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", cfg, accelerator.is_main_process)
     logger.forget_after(step)  # a resumed run's records past its state: steps trained again from here
