@@ -38,6 +38,8 @@ def build(model_name: str, finetune: str, device: torch.device, overrides: list[
     with device:
         model = instantiate(model_cfg)
     apply_finetune(model, cfg.finetune)
+    if device.type == "cuda":  # as train.py under mixed_precision=bf16 (cast_frozen): the frozen base in bf16
+        model.cast_backbone(torch.bfloat16, frozen_only=True)
     return model
 
 
@@ -83,6 +85,7 @@ def measure(
         "frames_per_s": batch_size / step_s,
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "frozen_in_bf16": sum(p.numel() for p in model.parameters() if p.dtype == torch.bfloat16),
         "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
     }
     if device.type == "cuda":
