@@ -21,7 +21,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
 from datasets.atomic import building_dir, replace_dir, write_json_atomic
@@ -34,7 +34,7 @@ from datasets.statistics import (
     select_statistics,
     to_norm_stats,
 )
-from models.finetune import add_lora_adapters, vision_lora_targets
+from models.finetune import add_lora_adapters, saved_vision_targets
 from models.policy import Policy
 
 PACKAGES = ("torch", "transformers", "timm", "peft", "accelerate", "tensorflow-cpu", "tensorflow", "mani_skill")
@@ -187,8 +187,7 @@ def load_policy(
     try:
         if finetune.get("mode") == "lora":
             lora = OmegaConf.to_container(finetune.get("lora") or OmegaConf.create({}))
-            with safe_open(str(weights), "pt") as saved:
-                lora.setdefault("vision_targets", vision_lora_targets(list(saved.keys())))
+            lora.setdefault("vision_targets", saved_vision_targets(weights))
             add_lora_adapters(model, **lora)
         if trainable_only:
             state = load_file(str(weights))

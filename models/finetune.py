@@ -7,8 +7,11 @@ gives the projector adapters instead of training it whole).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from torch import nn
 
 FROZEN_MODULES = {
@@ -24,10 +27,14 @@ VISION_LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 LEGACY_VISION_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
 
 
-def vision_lora_targets(state_keys: list[str]) -> str | list[str]:
-    """The ViT target modules a saved adapter state was trained with: the legacy suffixes when it adapted the patch
-    embedding, VISION_LORA_TARGETS otherwise."""
-    legacy = any(".patch_embed.proj.lora_" in key for key in state_keys)
+def saved_vision_targets(weights: Path) -> str | list[str] | None:
+    """The ViT target modules the adapters in a safetensors file (a checkpoint's, a run's resume state) were trained
+    with: the legacy suffixes when they adapted the patch embedding, VISION_LORA_TARGETS otherwise; None without the
+    file (FSDP and DeepSpeed save their states otherwise). Reads the file's header only."""
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), "pt") as saved:
+        legacy = any(".patch_embed.proj.lora_" in key for key in saved.keys())
     return LEGACY_VISION_LORA_TARGETS if legacy else VISION_LORA_TARGETS
 
 
@@ -35,7 +42,7 @@ def apply_finetune(
     model: nn.Module, finetune: DictConfig, vision_targets: str | list[str] | None = None
 ) -> dict[str, int]:
     """apply_finetune_mode with the `finetune` config group as composed (its mode and lora settings). vision_targets:
-    the ViT modules to adapt when the config names none (a resumed run's, see vision_lora_targets)."""
+    the ViT modules to adapt when the config names none (a resumed run's, see saved_vision_targets)."""
     lora = OmegaConf.to_container(finetune.lora) if finetune.get("lora") is not None else None
     if lora is not None and vision_targets is not None:
         lora.setdefault("vision_targets", vision_targets)
@@ -79,7 +86,7 @@ def add_lora_adapters(
 ) -> None:
     """Wrap the LLM (and optionally both ViTs and the projector) with peft LoRA adapters; only the adapters of those
     modules train. init: peft's init_lora_weights (True: Kaiming-uniform A; "gaussian": OpenVLA's; B starts at zero
-    either way). vision_targets: the ViT modules adapted (see vision_lora_targets for saved adapters)."""
+    either way). vision_targets: the ViT modules adapted (see saved_vision_targets for saved adapters)."""
     if isinstance(model.llm_backbone.llm, PeftModel):
         raise ValueError("the LLM already carries LoRA adapters")
     common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init, bias="none")

@@ -19,7 +19,6 @@ from safetensors import safe_open
 
 from datasets.atomic import replace_dir, write_json_atomic
 from datasets.statistics import STATISTICS_FILE
-from models.finetune import vision_lora_targets
 from models.policy import Policy
 
 STEP_PREFIX = "step_"
@@ -218,16 +217,6 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
     return a == b
-
-
-def saved_vision_targets(run_dir: Path) -> str | list[str] | None:
-    """The ViT LoRA target modules of the adapters in <run>/state (models.finetune.vision_lora_targets), or None
-    without a state file of that form (FSDP and DeepSpeed save theirs otherwise)."""
-    weights = run_dir / "state" / "model.safetensors"
-    if not weights.is_file():
-        return None
-    with safe_open(str(weights), "pt") as saved:
-        return vision_lora_targets(list(saved.keys()))
 
 
 def read_trainer_state(run_dir: Path) -> dict:

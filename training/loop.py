@@ -41,7 +41,7 @@ from datasets.rlds import (
 )
 from datasets.statistics import STATISTICS_FILE, check_unnormalized_ranges, default_unnorm_key
 from models.checkpoint import save_checkpoint
-from models.finetune import apply_finetune
+from models.finetune import apply_finetune, saved_vision_targets
 from models.policy import Policy
 from serving.observation import check_observation_keys
 from training.checkpoints import (
@@ -55,7 +55,6 @@ from training.checkpoints import (
     read_trainer_state,
     run_settings,
     save_training_state,
-    saved_vision_targets,
 )
 from training.validation import validate
 
@@ -337,7 +336,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator) -> dict:
     if accelerator.is_main_process:
         write_json_atomic(run_dir / STATISTICS_FILE, statistics)
     # A resumed LoRA run's adapters sit where its saved state has them (older runs adapted other ViT modules).
-    counts = apply_finetune(model, cfg.finetune, saved_vision_targets(run_dir) if resumed is not None else None)
+    targets = saved_vision_targets(run_dir / "state" / "model.safetensors") if resumed is not None else None
+    counts = apply_finetune(model, cfg.finetune, targets)
     in_bf16 = cast_frozen_weights(model, cfg, accelerator)
     # Which statistics the checkpoint un-normalizes with: the one key, or the one named. With several and none named
     # the checkpoint names none, and serving it asks for unnorm_key= (as CogACT and OpenVLA do).
